@@ -1,0 +1,161 @@
+"""Per-stage shape rules of CvT, shared by both frameworks.
+
+Everything here is plain integer arithmetic so each backend can check an input before it reaches a layer, and
+so the average-pooling projection (`qkv_projection_method="avg"`) computes PyTorch's `ceil_mode=True` geometry
+identically in Keras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+from .config import CvtConfig
+
+
+class InputTooSmallError(ValueError):
+    """The image is smaller than the network's strided convolutions can reduce."""
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """floor((size + 2*padding - kernel) / stride) + 1, the size of a convolution's output along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def avg_pool_ceil_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output size of PyTorch's `AvgPool2d(..., ceil_mode=True)` along one axis.
+
+    ceil instead of floor, but a last window that would start inside the right padding is dropped.
+    """
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def avg_pool_ceil_window_counts(size: int, kernel: int, stride: int, padding: int) -> List[int]:
+    """Divisor of each output position of `AvgPool2d(ceil_mode=True, count_include_pad=True)` along one axis.
+
+    Padding cells count, but the part of a ceil-mode window hanging past the padded input does not. The 2-D divisor
+    is the outer product of the per-axis counts.
+    """
+    out = avg_pool_ceil_output_size(size, kernel, stride, padding)
+    counts = []
+    for i in range(out):
+        start = i * stride - padding
+        end = min(start + kernel, size + padding)
+        counts.append(end - start)
+    return counts
+
+
+def avg_pool_ceil_extra_padding(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Zeros to add after the symmetric padding so a 'valid' pooling yields the ceil-mode output size."""
+    out = avg_pool_ceil_output_size(size, kernel, stride, padding)
+    return max(0, (out - 1) * stride + kernel - (size + 2 * padding))
+
+
+@dataclass(frozen=True)
+class StageGeometry:
+    """Token grid sizes of one stage for a given input size."""
+
+    stage: int
+    height: int  # stage output (patch embedding) grid
+    width: int
+    query_height: int
+    query_width: int
+    key_height: int
+    key_width: int
+    with_cls_token: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width + int(self.with_cls_token)
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.query_height * self.query_width + int(self.with_cls_token)
+
+    @property
+    def num_key_tokens(self) -> int:
+        return self.key_height * self.key_width + int(self.with_cls_token)
+
+
+def _projection_size(size: int, config: CvtConfig, stage: int, role: str) -> int:
+    method = config.qkv_projection_method[stage]
+    kernel = config.kernel_qkv[stage]
+    stride, padding = (config.stride_q[stage], config.padding_q[stage]) if role == "q" else (
+        config.stride_kv[stage], config.padding_kv[stage])
+    if method == "linear" or (method == "avg" and role == "q"):
+        return size
+    if method == "avg":
+        return avg_pool_ceil_output_size(size, kernel, stride, padding)
+    return conv_output_size(size, kernel, stride, padding)
+
+
+def _try_stage_geometry(config: CvtConfig, height: int, width: int) -> Tuple[List[StageGeometry], str]:
+    """The grids of every stage, or the grids so far and why the next stage has none."""
+    out: List[StageGeometry] = []
+    h, w = height, width
+    for s in range(config.num_stages):
+        k, st, p = config.patch_sizes[s], config.patch_stride[s], config.patch_padding[s]
+        h, w = conv_output_size(h, k, st, p), conv_output_size(w, k, st, p)
+        if h < 1 or w < 1:
+            return out, (f"stage {s}'s patch embedding (kernel {k}, stride {st}, padding {p}) leaves a "
+                         f"{max(h, 0)}x{max(w, 0)} grid")
+        qh, qw = _projection_size(h, config, s, "q"), _projection_size(w, config, s, "q")
+        kh, kw = _projection_size(h, config, s, "kv"), _projection_size(w, config, s, "kv")
+        if min(qh, qw, kh, kw) < 1:
+            return out, f"stage {s}'s attention projection leaves an empty grid (query {qh}x{qw}, key {kh}x{kw})"
+        out.append(StageGeometry(s, h, w, qh, qw, kh, kw, bool(config.cls_token[s])))
+    return out, ""
+
+
+def stage_geometry(config: CvtConfig, height: int, width: int) -> List[StageGeometry]:
+    """Grid sizes of every stage for an input of `height` x `width`; raises `InputTooSmallError` if any is empty."""
+    geometry, problem = _try_stage_geometry(config, height, width)
+    if problem:
+        side = minimum_input_size(config)
+        raise InputTooSmallError(f"input {height}x{width} is too small: {problem}; this config needs at least "
+                                 f"{side}x{side} pixels")
+    return geometry
+
+
+def stage_output_sizes(config: CvtConfig, height: int, width: int) -> List[Tuple[int, int]]:
+    """(height, width) of every stage's output grid, e.g. [(56, 56), (28, 28), (14, 14)] for cvt-13 at 224."""
+    return [(g.height, g.width) for g in stage_geometry(config, height, width)]
+
+
+def minimum_input_size(config: CvtConfig) -> int:
+    """Smallest square side every stage accepts."""
+    side = 1
+    # Every stage shrinks its input by a bounded factor, so the search ends well before this bound.
+    while _try_stage_geometry(config, side, side)[1]:
+        side += 1
+        if side > 1 << 20:
+            raise ValueError("no input size fits this config")
+    return side
+
+
+def check_pixel_values_shape(config: CvtConfig, shape: Sequence[int], channels_last: bool = False) -> Tuple[int, int]:
+    """Validate an input shape (NCHW, or NHWC with `channels_last`) and return (height, width).
+
+    Unknown (None) batch or spatial sizes pass; the check is repeated once they are known.
+    """
+    layout = "(batch, height, width, channels)" if channels_last else "(batch, channels, height, width)"
+    if len(shape) != 4:
+        raise ValueError(f"pixel_values must be 4-D {layout}, got shape {tuple(shape)} ({len(shape)}-D)")
+    channels = shape[3] if channels_last else shape[1]
+    height, width = (shape[1], shape[2]) if channels_last else (shape[2], shape[3])
+    if channels is not None and channels != config.num_channels:
+        hint = ""
+        if not channels_last and shape[3] == config.num_channels:
+            hint = "; it looks channels-last: pass data_format='channels_last'"
+        elif channels_last and shape[1] == config.num_channels:
+            hint = "; it looks channels-first: pass data_format='channels_first'"
+        raise ValueError(
+            f"pixel_values has {channels} channels but the config expects num_channels={config.num_channels} "
+            f"(shape {tuple(shape)}, layout {layout}){hint}"
+        )
+    if height is not None and width is not None:
+        stage_geometry(config, int(height), int(width))
+    return height, width
