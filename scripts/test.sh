@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: installs what it needs into .venv, then runs pytest (extra arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+export KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2
+exec .venv/bin/python -m pytest "$@"
