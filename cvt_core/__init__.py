@@ -19,4 +19,14 @@ __all__ = [
     "count_parameters",
     "plan_load",
     "weight_table",
+    "CvtImageProcessor",
 ]
+
+
+def __getattr__(name):
+    # The processor needs Pillow; importing it lazily keeps `import cvt_core` light.
+    if name == "CvtImageProcessor":
+        from .image_processing import CvtImageProcessor
+
+        return CvtImageProcessor
+    raise AttributeError(f"module 'cvt_core' has no attribute {name!r}")

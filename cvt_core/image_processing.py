@@ -1,0 +1,626 @@
+"""`CvtImageProcessor`: turn photos into the `pixel_values` the released CvT checkpoints expect.
+
+It computes what transformers 4.57.6's `ConvNextImageProcessor` (the processor the `microsoft/cvt-*` checkpoints
+name in their `preprocessor_config.json`) computes, with NumPy and Pillow only:
+
+1. convert to RGB (``PIL.Image.convert("RGB")`` for PIL images; grey and alpha-carrying arrays likewise);
+2. resize with Pillow: if ``size["shortest_edge"] < 384`` the short side goes to ``int(shortest_edge / crop_pct)``
+   (the long side to ``int(new_short * long / short)``) and a ``shortest_edge`` square is cut from the centre;
+   otherwise the image is warped straight to ``shortest_edge x shortest_edge``;
+3. rescale (``x * rescale_factor`` in float64, stored as float32), then normalise ``(x - mean) / std``;
+4. stack as ``(batch, 3, H, W)`` float32 (or ``(batch, H, W, 3)`` with ``data_format="channels_last"``).
+
+The constructor's defaults are the released checkpoints' settings (224, crop_pct 0.875, bicubic, ImageNet mean and
+std), not the defaults of transformers' constructor (384, bilinear, mean/std 0.5), which match no checkpoint.
+
+Where transformers' processor accepts an input, the result is the same to float32 rounding. We accept more:
+grey and RGBA/LA/P PIL images and grey or 4-channel arrays (transformers raises on these; we convert to RGB
+first, as `load_image` / `do_convert_rgb` do in transformers), and file paths (read as transformers'
+`load_image` reads them: EXIF orientation applied, then converted to RGB).
+
+Neither PyTorch nor TensorFlow is imported unless ``return_tensors`` asks for their tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+try:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+except ImportError as exc:  # pragma: no cover - exercised only without Pillow
+    raise ImportError("cvt_core.image_processing needs Pillow: pip install pillow") from exc
+
+__all__ = [
+    "CvtImageProcessor",
+    "ImageBatch",
+    "ImageLoadError",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "PREPROCESSOR_CONFIG_NAME",
+]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+# At or above this shortest edge transformers' ConvNext processor warps to a square instead of resize + crop.
+WARP_THRESHOLD = 384
+RELEASED_CROP_PCT = 224 / 256
+
+# Pillow's filter numbers, which is what transformers stores as "resample" in preprocessor_config.json.
+_RESAMPLE_BY_NAME = {
+    "nearest": int(Image.Resampling.NEAREST),
+    "lanczos": int(Image.Resampling.LANCZOS),
+    "bilinear": int(Image.Resampling.BILINEAR),
+    "bicubic": int(Image.Resampling.BICUBIC),
+    "box": int(Image.Resampling.BOX),
+    "hamming": int(Image.Resampling.HAMMING),
+}
+
+# What transformers' ConvNextImageProcessor assumes for a key missing from a preprocessor_config.json. A file means
+# what transformers reads it as, so `from_dict` fills gaps with these, not with our (released-checkpoint) defaults.
+_TRANSFORMERS_DEFAULTS: Dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 384},
+    "crop_pct": 224 / 256,
+    "resample": int(Image.Resampling.BILINEAR),
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+_PROCESSOR_TYPES = ("ConvNextImageProcessor", "ConvNextImageProcessorFast", "ConvNextFeatureExtractor", "CvtImageProcessor")
+# Keys transformers (or the hub) writes that carry no preprocessing meaning.
+_META_KEYS = ("image_processor_type", "feature_extractor_type", "processor_class", "_processor_class",
+              "transformers_version")
+_FIELDS = ("do_resize", "size", "crop_pct", "resample", "do_rescale", "rescale_factor", "do_normalize",
+           "image_mean", "image_std", "do_center_crop")
+
+_DATA_FORMATS = ("channels_first", "channels_last")
+_INPUT_FORMATS = ("channels_first", "channels_last", "none")
+_TENSOR_TYPES = ("np", "pt", "tf")
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read or decoded; the message names the file."""
+
+
+class ImageBatch(dict):
+    """The processor's output: a dict with ``"pixel_values"``, also readable as ``batch.pixel_values``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _enum_value(value: Any) -> Any:
+    """`ChannelDimension.FIRST` / `TensorType.PYTORCH` style enums -> their string value."""
+    return getattr(value, "value", value)
+
+
+def _resample_id(resample: Any) -> int:
+    value = _enum_value(resample)
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key not in _RESAMPLE_BY_NAME:
+            raise ValueError(f"resample={resample!r} is unknown; choose one of {sorted(_RESAMPLE_BY_NAME)} or a PIL filter number")
+        return _RESAMPLE_BY_NAME[key]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) not in _RESAMPLE_BY_NAME.values():
+        raise ValueError(f"resample={resample!r} is not a PIL resampling filter (0-5 or one of {sorted(_RESAMPLE_BY_NAME)})")
+    return int(value)
+
+
+def _shortest_edge(size: Any) -> int:
+    """`224` or `{"shortest_edge": 224}` (transformers' two spellings) -> 224."""
+    if isinstance(size, dict):
+        if set(size) != {"shortest_edge"}:
+            raise ValueError(
+                f"size={size!r}: this processor (like transformers' ConvNextImageProcessor) takes "
+                '{"shortest_edge": n} only; height/width sizes are not supported'
+            )
+        size = size["shortest_edge"]
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or int(size) < 1:
+        raise ValueError(f"size must be a positive int or {{'shortest_edge': n}}, got {size!r}")
+    return int(size)
+
+
+def _channel_stats(name: str, value: Any) -> Tuple[float, float, float]:
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        values = [float(value)] * 3
+    else:
+        try:
+            values = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value!r}") from None
+        if len(values) != 3:
+            raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(values)}: {value!r}")
+    if not all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, np.ndarray):
+        return f"array of shape {image.shape} and dtype {image.dtype}"
+    return type(image).__name__
+
+
+class CvtImageProcessor:
+    """Preprocessing of the released CvT checkpoints, equal to transformers' `ConvNextImageProcessor`.
+
+    Args:
+        do_resize: resize (and, below 384, centre-crop) to ``size``.
+        size: ``{"shortest_edge": n}`` or ``n``. Below 384 the short side is resized to ``int(n / crop_pct)`` and an
+            ``n x n`` centre crop is taken; at 384 or above the image is warped to ``n x n``.
+        crop_pct: fraction of the resized image the crop keeps (only used below 384).
+        resample: Pillow filter, as a number (3 = bicubic), a name ("bicubic") or ``PIL.Image.Resampling``.
+        do_rescale, rescale_factor: multiply by ``rescale_factor`` (1/255 maps uint8 to [0, 1]).
+        do_normalize, image_mean, image_std: ``(x - mean) / std`` per RGB channel.
+        do_center_crop: set False to keep the whole short-side-resized image (below 384 only). transformers has no
+            such switch; a processor saved with it False warns that transformers will still crop.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: Union[int, Dict[str, int], None] = None,
+        crop_pct: Optional[float] = RELEASED_CROP_PCT,
+        resample: Any = Image.Resampling.BICUBIC,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Union[float, Sequence[float], None] = IMAGENET_DEFAULT_MEAN,
+        image_std: Union[float, Sequence[float], None] = IMAGENET_DEFAULT_STD,
+        do_center_crop: bool = True,
+    ):
+        self.do_resize = bool(do_resize)
+        self.size = {"shortest_edge": _shortest_edge(224 if size is None else size)}
+        # transformers treats a missing/None crop_pct as 224/256 (backwards compatibility); so do we.
+        self.crop_pct = float(RELEASED_CROP_PCT if crop_pct is None else crop_pct)
+        self.resample = _resample_id(resample)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = list(_channel_stats("image_mean", IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean))
+        self.image_std = list(_channel_stats("image_std", IMAGENET_DEFAULT_STD if image_std is None else image_std))
+        self.do_center_crop = bool(do_center_crop)
+        self._check(self.size, self.crop_pct, self.rescale_factor, self.image_std)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def for_resolution(cls, resolution: int, **overrides: Any) -> "CvtImageProcessor":
+        """The released settings for a model evaluated at ``resolution`` (224: resize 256 + crop; 384: warp)."""
+        return cls(size={"shortest_edge": _shortest_edge(resolution)}, **overrides)
+
+    @classmethod
+    def for_config(cls, config: Any, **overrides: Any) -> "CvtImageProcessor":
+        """The released settings for ``config.image_size`` (a `CvtConfig`, a transformers config or a dict);
+        224 when the config names no size."""
+        image_size = config.get("image_size") if isinstance(config, dict) else getattr(config, "image_size", None)
+        if image_size is None:
+            image_size = 224
+        if isinstance(image_size, (list, tuple)):
+            sides = list(image_size)
+            if len(sides) == 1 or (len(sides) == 2 and sides[0] == sides[1]):
+                image_size = sides[0]
+            else:
+                raise ValueError(
+                    f"config.image_size={list(image_size)!r} is not square; the released preprocessing produces square "
+                    f"images only: build CvtImageProcessor(size=...) yourself"
+                )
+        return cls.for_resolution(image_size, **overrides)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        """The ``preprocessor_config.json`` content, in transformers' field names."""
+        out: Dict[str, Any] = {
+            "crop_pct": self.crop_pct,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "ConvNextImageProcessor",
+            "image_std": list(self.image_std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": dict(self.size),
+        }
+        if not self.do_center_crop:
+            out["do_center_crop"] = False
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], **overrides: Any) -> "CvtImageProcessor":
+        """Build from a ``preprocessor_config.json`` mapping (ours or transformers'); keyword arguments override it.
+
+        Keys the file lacks take transformers' defaults, so the result preprocesses as transformers would.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a preprocessor config must be a JSON object, got {type(data).__name__}")
+        for key in ("image_processor_type", "feature_extractor_type"):
+            kind = data.get(key)
+            if kind is not None and kind not in _PROCESSOR_TYPES:
+                raise ValueError(
+                    f"{key}={kind!r}: this config is for another processor; CvtImageProcessor reads "
+                    f"{list(_PROCESSOR_TYPES)} configs only"
+                )
+        unknown = sorted(k for k in data if k not in _FIELDS and k not in _META_KEYS)
+        if unknown:
+            warnings.warn(f"preprocessor config keys {unknown} are not used by CvtImageProcessor and were ignored",
+                          UserWarning, stacklevel=2)
+        kwargs = dict(_TRANSFORMERS_DEFAULTS)
+        kwargs.update({k: v for k, v in data.items() if k in _FIELDS})
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides: Any) -> "CvtImageProcessor":
+        """Read ``preprocessor_config.json`` from a checkpoint directory, or a JSON file given directly."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, PREPROCESSOR_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: no such preprocessor config (give a checkpoint directory holding {PREPROCESSOR_CONFIG_NAME} "
+                f"or the JSON file itself; hub names are not downloaded)"
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a preprocessor config must hold a JSON object")
+        return cls.from_dict(data, **overrides)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
+        """Write ``preprocessor_config.json`` into ``directory`` (created if needed), atomically; returns its path.
+
+        transformers' ``ConvNextImageProcessor.from_pretrained(directory)`` / ``AutoImageProcessor`` load it and
+        produce the same ``pixel_values``.
+        """
+        if not self.do_center_crop:
+            warnings.warn(
+                "do_center_crop=False has no counterpart in transformers' ConvNextImageProcessor: transformers will "
+                "load this preprocessor_config.json but still centre-crop", UserWarning, stacklevel=2)
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(prefix=f".{PREPROCESSOR_CONFIG_NAME}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json_string())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, CvtImageProcessor) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    # ------------------------------------------------------------------ preprocessing
+    def __call__(self, images: Any, **kwargs: Any) -> ImageBatch:
+        return self.preprocess(images, **kwargs)
+
+    def preprocess(
+        self,
+        images: Any,
+        do_resize: Optional[bool] = None,
+        size: Union[int, Dict[str, int], None] = None,
+        crop_pct: Optional[float] = None,
+        resample: Any = None,
+        do_rescale: Optional[bool] = None,
+        rescale_factor: Optional[float] = None,
+        do_normalize: Optional[bool] = None,
+        image_mean: Union[float, Sequence[float], None] = None,
+        image_std: Union[float, Sequence[float], None] = None,
+        do_center_crop: Optional[bool] = None,
+        return_tensors: Optional[str] = None,
+        data_format: str = "channels_first",
+        input_data_format: Optional[str] = None,
+    ) -> ImageBatch:
+        """Preprocess one image or a batch; keyword arguments override the processor's settings for this call.
+
+        Args:
+            images: a PIL image, a NumPy array (H x W grey; H x W x C or C x H x W with C in 1/3/4, inferred as
+                transformers does; N x ... for a batch), a torch/tf tensor, a file path (``str`` or
+                ``os.PathLike``), or a (nested) list/tuple of those.
+            return_tensors: None or "np" (NumPy), "pt" (torch), "tf" (TensorFlow).
+            data_format: "channels_first" -> (batch, 3, H, W); "channels_last" -> (batch, H, W, 3).
+            input_data_format: layout of array inputs ("channels_first", "channels_last", or "none" for H x W);
+                inferred per image when not given.
+
+        Returns:
+            `ImageBatch` with ``"pixel_values"``: float32, stacked (a list of arrays only when ``return_tensors`` is
+            None and the images differ in size, e.g. with ``do_resize=False``).
+        """
+        do_resize = self.do_resize if do_resize is None else bool(do_resize)
+        shortest = _shortest_edge(self.size if size is None else size)
+        crop_pct = self.crop_pct if crop_pct is None else float(crop_pct)
+        resample = self.resample if resample is None else _resample_id(resample)
+        do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
+        rescale_factor = self.rescale_factor if rescale_factor is None else float(rescale_factor)
+        do_normalize = self.do_normalize if do_normalize is None else bool(do_normalize)
+        mean = self.image_mean if image_mean is None else list(_channel_stats("image_mean", image_mean))
+        std = self.image_std if image_std is None else list(_channel_stats("image_std", image_std))
+        do_center_crop = self.do_center_crop if do_center_crop is None else bool(do_center_crop)
+        self._check({"shortest_edge": shortest}, crop_pct, rescale_factor, std)
+
+        data_format = _enum_value(data_format)
+        if data_format not in _DATA_FORMATS:
+            raise ValueError(f"data_format={data_format!r} is unknown; choose one of {list(_DATA_FORMATS)}")
+        if input_data_format is not None:
+            input_data_format = _enum_value(input_data_format)
+            if input_data_format not in _INPUT_FORMATS:
+                raise ValueError(f"input_data_format={input_data_format!r} is unknown; choose one of {list(_INPUT_FORMATS)}")
+        if return_tensors is not None:
+            return_tensors = _enum_value(return_tensors)
+            if return_tensors not in _TENSOR_TYPES:
+                raise ValueError(f"return_tensors={return_tensors!r} is unknown; choose None or one of {list(_TENSOR_TYPES)}")
+
+        items = _flatten(images)
+        warned_scaled = False
+        outputs: List[np.ndarray] = []
+        for index, item in enumerate(items):
+            where = "" if len(items) == 1 else f" (image {index} of the batch)"
+            image = _to_rgb(item, input_data_format, where)
+            if do_rescale and not warned_scaled and isinstance(image, np.ndarray) and _looks_rescaled(image):
+                warned_scaled = True
+                warnings.warn(
+                    "the input looks already rescaled to [0, 1] (float values within [0, 1]) and do_rescale=True will "
+                    "scale it again by rescale_factor; pass do_rescale=False for such images", UserWarning, stacklevel=3)
+            if do_resize:
+                image = _resize(image, shortest, crop_pct, resample, do_center_crop, where)
+            elif isinstance(image, Image.Image):
+                image = np.asarray(image)
+            outputs.append(_rescale_normalize(image, do_rescale, rescale_factor, do_normalize, mean, std))
+
+        if data_format == "channels_first":
+            outputs = [np.ascontiguousarray(x.transpose(2, 0, 1)) for x in outputs]
+        shapes = {x.shape for x in outputs}
+        if len(shapes) > 1:
+            if return_tensors is not None:
+                raise ValueError(
+                    f"cannot stack images of different sizes {sorted(shapes)} into one {return_tensors!r} tensor; "
+                    f"keep do_resize=True or pass return_tensors=None for a list"
+                )
+            return ImageBatch(pixel_values=outputs)
+        pixel_values = np.stack(outputs).astype(np.float32, copy=False)
+        if return_tensors == "pt":
+            import torch
+
+            pixel_values = torch.from_numpy(pixel_values)
+        elif return_tensors == "tf":
+            import tensorflow as tf
+
+            pixel_values = tf.convert_to_tensor(pixel_values)
+        return ImageBatch(pixel_values=pixel_values)
+
+    @staticmethod
+    def _check(size: Dict[str, int], crop_pct: float, rescale_factor: float, std: Sequence[float]) -> None:
+        shortest = size["shortest_edge"]
+        if not np.isfinite(crop_pct) or crop_pct <= 0:
+            raise ValueError(f"crop_pct must be a positive number, got {crop_pct!r}")
+        if shortest < WARP_THRESHOLD and int(shortest / crop_pct) < 1:
+            raise ValueError(f"crop_pct={crop_pct!r} with shortest_edge={shortest} resizes to {int(shortest / crop_pct)} pixels")
+        if not np.isfinite(rescale_factor):
+            raise ValueError(f"rescale_factor must be finite, got {rescale_factor!r}")
+        if any(s == 0 for s in std):
+            raise ValueError(f"image_std must not contain 0, got {list(std)!r}")
+
+
+# ---------------------------------------------------------------------- helpers
+def _flatten(images: Any) -> List[Any]:
+    """One image, a 4-D array (a batch) or nested lists/tuples of those -> a flat list of single images."""
+    out: List[Any] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, (list, tuple)):
+            for sub in item:
+                visit(sub)
+            return
+        array = _as_array(item)
+        if array is not None and array.ndim == 4:
+            out.extend(array[i] for i in range(array.shape[0]))
+        else:
+            out.append(item if array is None else array)
+
+    visit(images)
+    if not out:
+        raise ValueError("got an empty batch: pass at least one image")
+    return out
+
+
+def _as_array(item: Any) -> Optional[np.ndarray]:
+    """NumPy arrays and torch / TensorFlow / JAX tensors -> ndarray (no framework import); anything else -> None."""
+    if isinstance(item, np.ndarray):
+        return item
+    module = type(item).__module__.split(".")[0]
+    if module == "torch":
+        return item.detach().cpu().numpy()
+    if module in ("tensorflow", "keras", "tf_keras", "jax", "jaxlib"):
+        return np.asarray(item)
+    return None
+
+
+def _to_rgb(item: Any, input_data_format: Optional[str], where: str) -> Union["Image.Image", np.ndarray]:
+    """A single image -> an RGB PIL image or an H x W x 3 array of the input's dtype."""
+    if isinstance(item, (str, os.PathLike)):
+        return _load(item, where)
+    if isinstance(item, Image.Image):
+        if item.mode == "RGB":
+            return item
+        try:
+            return item.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"cannot convert a PIL image of mode {item.mode!r} to RGB{where}: {exc}") from None
+    if isinstance(item, np.ndarray):
+        return _array_to_hwc_rgb(item, input_data_format, where)
+    if isinstance(item, (bytes, bytearray)):
+        raise TypeError(f"unsupported image type bytes{where}: open it first, e.g. PIL.Image.open(io.BytesIO(data))")
+    raise TypeError(
+        f"unsupported image type {type(item).__name__}{where}: pass a PIL image, a NumPy array, a torch/tf tensor, "
+        f"a file path (str or pathlib.Path), or a list/tuple of those"
+    )
+
+
+def _load(path: Union[str, os.PathLike], where: str) -> "Image.Image":
+    """Read a file as transformers' `load_image` does: EXIF orientation applied, converted to RGB."""
+    name = os.fspath(path)
+    if isinstance(name, str) and name.startswith(("http://", "https://")):
+        raise ValueError(f"{name}: URLs are not fetched; download the image and pass the file or a PIL image{where}")
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{name}: no such image file{where}")
+    try:
+        with Image.open(name) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageLoadError(f"{name}: cannot read this file as an image{where} ({type(exc).__name__}: {exc})") from None
+
+
+def _array_to_hwc_rgb(array: np.ndarray, input_data_format: Optional[str], where: str) -> np.ndarray:
+    if array.dtype == np.bool_:
+        raise TypeError(f"unsupported array dtype bool{where}: convert masks to uint8 first (e.g. mask.astype(np.uint8) * 255)")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise TypeError(f"unsupported array dtype {array.dtype}{where}: pass real numbers (uint8 0-255 or floats)")
+    if array.ndim == 2:
+        if input_data_format not in (None, "none"):
+            raise ValueError(f"a 2-D array{where} is a grey H x W image; input_data_format={input_data_format!r} does not fit")
+        hwc = array[:, :, None]
+    elif array.ndim == 3:
+        layout = input_data_format if input_data_format is not None else _infer_layout(array, where)
+        if layout == "none":
+            raise ValueError(f"input_data_format='none' means an H x W array, got shape {array.shape}{where}")
+        hwc = array.transpose(1, 2, 0) if layout == "channels_first" else array
+    else:
+        raise ValueError(
+            f"wrong array shape {array.shape}{where}: expected H x W (grey), H x W x C or C x H x W with C in (1, 3, 4), "
+            f"or N x ... for a batch"
+        )
+    channels = hwc.shape[2]
+    if hwc.shape[0] == 0 or hwc.shape[1] == 0:
+        raise ValueError(f"wrong array shape {array.shape}{where}: the image is empty")
+    if channels == 1:
+        return np.repeat(hwc, 3, axis=2)  # what PIL's L -> RGB conversion does
+    if channels == 3:
+        return hwc
+    if channels == 4:
+        return hwc[:, :, :3]  # what PIL's RGBA -> RGB conversion does: drop alpha
+    raise ValueError(f"wrong array shape {array.shape}{where}: {channels} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+
+
+def _infer_layout(array: np.ndarray, where: str) -> str:
+    """transformers' rule: channels first if the first axis is 1 or 3 (also when both ends are), else channels last
+    if the last axis is; extended to 4-channel (RGBA) arrays, which transformers cannot take."""
+    first, last = array.shape[0], array.shape[2]
+    for channels in ((1, 3), (4,)):
+        if first in channels:
+            return "channels_first"
+        if last in channels:
+            return "channels_last"
+    raise ValueError(
+        f"wrong array shape {array.shape}{where}: cannot tell the channel axis (neither the first nor the last axis "
+        f"has 1, 3 or 4 entries)"
+    )
+
+
+def _looks_rescaled(image: np.ndarray) -> bool:
+    return image.dtype != np.uint8 and image.size > 0 and float(np.min(image)) >= 0 and float(np.max(image)) <= 1
+
+
+def _to_pil(hwc: np.ndarray, where: str) -> Tuple["Image.Image", bool]:
+    """H x W x 3 array -> RGB PIL image, as transformers converts arrays before resizing: uint8 as is; integer-valued
+    numbers in [0, 255] cast; other floats in [0, 1] scaled by 255 (float64, stored float32) then truncated to uint8.
+    Returns the image and whether it was scaled (the resized result is then scaled back by 1/255)."""
+    if hwc.dtype == np.uint8:
+        scaled = False
+    elif np.allclose(hwc, hwc.astype(int)):
+        if not (np.all(hwc >= 0) and np.all(hwc <= 255)):
+            raise ValueError(
+                f"cannot resize an image{where} with values in [{hwc.min()}, {hwc.max()}]: integer-valued pixels must lie "
+                f"in [0, 255]"
+            )
+        scaled = False
+    elif np.all(hwc >= 0) and np.all(hwc <= 1):
+        scaled = True
+    else:
+        raise ValueError(
+            f"cannot resize an image{where} with values in [{hwc.min()}, {hwc.max()}]: pass uint8 (0-255) or floats in "
+            f"[0, 1] (transformers' rule), or resize it yourself and pass do_resize=False"
+        )
+    if scaled:
+        hwc = (hwc.astype(np.float64) * 255).astype(np.float32)
+    return Image.fromarray(np.ascontiguousarray(hwc.astype(np.uint8))), scaled
+
+
+def _resize(image: Union["Image.Image", np.ndarray], shortest: int, crop_pct: float, resample: int,
+            do_center_crop: bool, where: str) -> np.ndarray:
+    scaled = False
+    if isinstance(image, np.ndarray):
+        image, scaled = _to_pil(image, where)
+    width, height = image.size
+    if shortest < WARP_THRESHOLD:
+        target = int(shortest / crop_pct)
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(target * long / short)
+        out_h, out_w = (new_long, target) if width <= height else (target, new_long)
+        crop = (shortest, shortest) if do_center_crop else None
+    else:
+        out_h, out_w = shortest, shortest
+        crop = None
+    resized = np.asarray(image.resize((out_w, out_h), resample=resample))
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    if crop is not None:
+        resized = _center_crop(resized, *crop)
+    if scaled:
+        resized = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return resized
+
+
+def _center_crop(hwc: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' centre crop: top = (H - h) // 2; zero-padding (centred, extra pixel before) where too small."""
+    height, width = hwc.shape[:2]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return hwc[top:top + crop_h, left:left + crop_w]
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    padded = np.zeros((new_h, new_w) + hwc.shape[2:], dtype=hwc.dtype)
+    top_pad, left_pad = -(-(new_h - height) // 2), -(-(new_w - width) // 2)
+    padded[top_pad:top_pad + height, left_pad:left_pad + width] = hwc
+    top, left = top + top_pad, left + left_pad
+    return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
+
+
+def _rescale_normalize(hwc: np.ndarray, do_rescale: bool, rescale_factor: float, do_normalize: bool,
+                       mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """transformers' order and dtypes: rescale in float64 stored as float32; normalise in the image's float dtype
+    (float32 for integer images)."""
+    if do_rescale:
+        hwc = (hwc.astype(np.float64) * rescale_factor).astype(np.float32)
+    if do_normalize:
+        if not np.issubdtype(hwc.dtype, np.floating):
+            hwc = hwc.astype(np.float32)
+        hwc = (hwc - np.array(mean, dtype=hwc.dtype)) / np.array(std, dtype=hwc.dtype)
+    return hwc.astype(np.float32, copy=False)
