@@ -249,6 +249,12 @@ class CvtConfig:
             method = self.qkv_projection_method[stage]
             if method not in PROJECTION_METHODS:
                 raise ValueError(f"qkv_projection_method[{stage}]={method!r} is unknown; choose one of {list(PROJECTION_METHODS)}")
+            if method == "avg" and 2 * self.padding_kv[stage] > self.kernel_qkv[stage]:
+                # average pooling (PyTorch's and the original's) cannot pad more than half its window
+                raise ValueError(
+                    f"padding_kv[{stage}]={self.padding_kv[stage]} is more than half of kernel_qkv[{stage}]="
+                    f"{self.kernel_qkv[stage]}, which qkv_projection_method 'avg' cannot pool; lower padding_kv"
+                )
             if method == "dw_bn" and (self.stride_q[stage] != 1 or 2 * self.padding_q[stage] != self.kernel_qkv[stage] - 1):
                 # the attention output is added back onto the input tokens, so the query grid must equal the input grid
                 raise ValueError(

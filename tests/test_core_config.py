@@ -92,6 +92,7 @@ def test_per_layer_drop_path_schedule_is_a_linspace_per_stage():
     (dict(attention_drop_rate=[-0.1, 0.0, 0.0]), r"attention_drop_rate\[0\] must be in \[0, 1\)"),
     (dict(mlp_ratio=[4.0, 0.0, 4.0]), r"mlp_ratio\[1\] must be a positive number"),
     (dict(stride_q=[1, 2, 1]), r"stride_q\[1\]=2"),
+    (dict(qkv_projection_method=["avg"] * 3, padding_kv=[1, 2, 1]), r"padding_kv\[1\]=2 is more than half of kernel_qkv\[1\]=3"),
     (dict(embed_dim=[64, 192, 384.0]), r"embed_dim\[2\] must be an integer"),
     (dict(cls_token=[0, 0, 1]), r"cls_token\[0\] must be true or false"),
     (dict(problem_type="ranking"), r"problem_type='ranking' is unknown"),

@@ -1,0 +1,569 @@
+"""PyTorch implementation of CvT (Convolutional vision Transformer, arXiv 2103.15808).
+
+One file holds the whole network: the convolutional token embedding, the attention with convolutional q/k/v
+projections, the transformer block, the stages, the bare backbone `CvtModel` and `CvtForImageClassification`.
+
+The module tree mirrors transformers' so `state_dict()` keys and shapes are exactly
+`cvt_core.weights.weight_table(config, with_head)`: transformers checkpoints load unchanged and ours load in
+transformers. Inference outputs equal transformers 4.57.6 for every config it can build; the behaviours where
+transformers departs from the original microsoft/CvT code are fixed here: per-layer drop-path schedule,
+drop path on the residual branch only, any depth per stage, a cls token on any stage sized by that stage, the
+"avg" projection, a classifier without a final cls token.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvt_core.checkpoint import load_pretrained_state, save_pretrained_state
+from cvt_core.config import CvtConfig
+from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
+from cvt_core.shapes import check_pixel_values_shape
+from cvt_core.weights import plan_load
+
+logger = logging.getLogger(__name__)
+
+# Every LayerNorm of CvT uses 1e-5, as the released weights were trained; `config.layer_norm_eps` is not read.
+LAYER_NORM_EPS = 1e-5
+BATCH_NORM_EPS = 1e-5
+BATCH_NORM_MOMENTUM = 0.1
+
+
+# ---------------------------------------------------------------------------------------------- small pieces
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation the released CvT weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()  # exact erf GELU, as transformers computes
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"hidden_act={name!r} is unknown; choose 'gelu' or 'quick_gelu'")
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability `drop_prob`, scale the rest by
+    1 / keep so the expectation is unchanged."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep_mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
+    return x * keep_mask / keep_prob
+
+
+class CvtDropPath(nn.Module):
+    """Stochastic depth for one residual branch; applied to the branch output before the residual add."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return grid.flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+class CvtConvEmbeddings(nn.Module):
+    """Strided convolution from the previous grid to this stage's tokens, then LayerNorm over channels."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, stride: int, padding: int):
+        super().__init__()
+        self.projection = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=stride, padding=padding)
+        self.normalization = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        grid = self.projection(pixel_values)
+        height, width = grid.shape[-2:]
+        return self.normalization(_grid_to_tokens(grid)), height, width
+
+
+class CvtEmbeddings(nn.Module):
+    """Token embedding of one stage; the dropout runs after the stage's cls token is prepended (as the original)."""
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.convolution_embeddings = CvtConvEmbeddings(
+            in_channels=config.stage_in_channels(stage),
+            embed_dim=config.embed_dim[stage],
+            patch_size=config.patch_sizes[stage],
+            stride=config.patch_stride[stage],
+            padding=config.patch_padding[stage],
+        )
+        self.dropout = nn.Dropout(config.drop_rate[stage])
+
+    def forward(self, pixel_values: torch.Tensor, cls_token: Optional[torch.Tensor] = None):
+        tokens, height, width = self.convolution_embeddings(pixel_values)
+        if cls_token is not None:
+            tokens = torch.cat((cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        return self.dropout(tokens), height, width
+
+
+# ---------------------------------------------------------------------------------------------- attention
+class CvtSelfAttentionConvProjection(nn.Module):
+    """Depthwise convolution (no bias) then BatchNorm: the "dw_bn" projection of the released weights."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, padding: int, stride: int):
+        super().__init__()
+        self.convolution = nn.Conv2d(
+            embed_dim, embed_dim, kernel_size=kernel_size, padding=padding, stride=stride, bias=False, groups=embed_dim
+        )
+        self.normalization = nn.BatchNorm2d(embed_dim, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.normalization(self.convolution(grid))
+
+
+class CvtSelfAttentionProjection(nn.Module):
+    """Spatial part of one of the q/k/v projections, returning tokens (B, T, C).
+
+    "dw_bn": depthwise conv + BN. "avg" (keys and values): AvgPool2d with ceil_mode, as the original code.
+    "linear" (and the query of "avg"): no spatial operation. Only "dw_bn" has weights.
+    """
+
+    def __init__(self, method: str, embed_dim: int, kernel_size: int, padding: int, stride: int):
+        super().__init__()
+        if method == "dw_bn":
+            self.convolution_projection = CvtSelfAttentionConvProjection(embed_dim, kernel_size, padding, stride)
+        elif method == "avg":
+            self.convolution_projection = nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
+        elif method == "linear":
+            self.convolution_projection = nn.Identity()
+        else:
+            raise ValueError(f"qkv_projection_method={method!r} is unknown; choose 'dw_bn', 'avg' or 'linear'")
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return _grid_to_tokens(self.convolution_projection(grid))
+
+
+class CvtSelfAttention(nn.Module):
+    """Multi-head attention whose q, k, v come from convolutional projections of the token grid.
+
+    A cls token, when the stage has one, skips the spatial projection and is prepended to q, k and v before the
+    Linear projections.
+    """
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.embed_dim = config.embed_dim[stage]
+        self.num_heads = config.num_heads[stage]
+        self.head_dim = self.embed_dim // self.num_heads
+        self.with_cls_token = bool(config.cls_token[stage])
+        # The scale uses the whole stage width, not the head width: the original code does so and the released
+        # weights were trained with it (transformers too), so changing it would change every pretrained output.
+        self.scale = self.embed_dim ** -0.5
+        method, kernel = config.qkv_projection_method[stage], config.kernel_qkv[stage]
+        query_method = "linear" if method == "avg" else method
+        self.convolution_projection_query = CvtSelfAttentionProjection(
+            query_method, self.embed_dim, kernel, config.padding_q[stage], config.stride_q[stage])
+        self.convolution_projection_key = CvtSelfAttentionProjection(
+            method, self.embed_dim, kernel, config.padding_kv[stage], config.stride_kv[stage])
+        self.convolution_projection_value = CvtSelfAttentionProjection(
+            method, self.embed_dim, kernel, config.padding_kv[stage], config.stride_kv[stage])
+        bias = bool(config.qkv_bias[stage])
+        self.projection_query = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.projection_key = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.projection_value = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.dropout = nn.Dropout(config.attention_drop_rate[stage])
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = tokens.shape
+        return tokens.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
+        if self.with_cls_token:
+            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        grid = _tokens_to_grid(tokens, height, width)
+        query = self.convolution_projection_query(grid)
+        key = self.convolution_projection_key(grid)
+        value = self.convolution_projection_value(grid)
+        if self.with_cls_token:
+            query = torch.cat((cls_token, query), dim=1)
+            key = torch.cat((cls_token, key), dim=1)
+            value = torch.cat((cls_token, value), dim=1)
+        query = self._split_heads(self.projection_query(query))
+        key = self._split_heads(self.projection_key(key))
+        value = self._split_heads(self.projection_value(value))
+
+        if output_attentions:
+            # Explicit path; the returned probabilities are those before attention dropout (as transformers' models
+            # return them), the context uses the dropped ones.
+            probs = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
+            context = torch.matmul(self.dropout(probs), value)
+        else:
+            probs = None
+            context = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale)
+        context = context.transpose(1, 2).reshape(context.shape[0], context.shape[2], self.embed_dim)
+        return context, probs
+
+
+class CvtSelfOutput(nn.Module):
+    """Output projection of the attention, then dropout (the residual add lives in `CvtLayer`)."""
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.dense = nn.Linear(config.embed_dim[stage], config.embed_dim[stage])
+        self.dropout = nn.Dropout(config.drop_rate[stage])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden))
+
+
+class CvtAttention(nn.Module):
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.attention = CvtSelfAttention(config, stage)
+        self.output = CvtSelfOutput(config, stage)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
+        context, probs = self.attention(tokens, height, width, output_attentions)
+        return self.output(context), probs
+
+
+# ---------------------------------------------------------------------------------------------- MLP and block
+class CvtIntermediate(nn.Module):
+    """First MLP layer, activation, and the original's dropout after the activation."""
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.dense = nn.Linear(config.embed_dim[stage], config.mlp_hidden_dim(stage))
+        self.activation = make_activation(config.hidden_act)
+        self.dropout = nn.Dropout(config.drop_rate[stage])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.dense(hidden)))
+
+
+class CvtOutput(nn.Module):
+    """Second MLP layer and dropout (the residual add lives in `CvtLayer`)."""
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.dense = nn.Linear(config.mlp_hidden_dim(stage), config.embed_dim[stage])
+        self.dropout = nn.Dropout(config.drop_rate[stage])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden))
+
+
+class CvtLayer(nn.Module):
+    """Pre-norm transformer block: x + drop_path(attn(LN(x))), then x + drop_path(mlp(LN(x)))."""
+
+    def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float):
+        super().__init__()
+        self.attention = CvtAttention(config, stage)
+        self.intermediate = CvtIntermediate(config, stage)
+        self.output = CvtOutput(config, stage)
+        self.drop_path = CvtDropPath(drop_path_rate)
+        self.layernorm_before = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
+        self.layernorm_after = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
+        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions)
+        tokens = tokens + self.drop_path(attention_output)
+        mlp_output = self.output(self.intermediate(self.layernorm_after(tokens)))
+        tokens = tokens + self.drop_path(mlp_output)
+        return tokens, probs
+
+
+# ---------------------------------------------------------------------------------------------- stages
+class CvtStage(nn.Module):
+    """Token embedding, optional cls token, and `depth[stage]` blocks with a per-layer drop-path schedule."""
+
+    def __init__(self, config: CvtConfig, stage: int):
+        super().__init__()
+        self.stage = stage
+        self.with_cls_token = bool(config.cls_token[stage])
+        if self.with_cls_token:
+            # Registered first so the state_dict order matches transformers'; sized by this stage's width.
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim[stage]))
+        self.embedding = CvtEmbeddings(config, stage)
+        self.layers = nn.ModuleList(
+            CvtLayer(config, stage, rate) for rate in config.drop_path_rates(stage)
+        )
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        tokens, height, width = self.embedding(pixel_values, self.cls_token if self.with_cls_token else None)
+        attentions: List[torch.Tensor] = []
+        for layer in self.layers:
+            tokens, probs = layer(tokens, height, width, output_attentions)
+            if output_attentions:
+                attentions.append(probs)
+        cls_token = None
+        if self.with_cls_token:
+            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        return _tokens_to_grid(tokens, height, width), cls_token, attentions
+
+
+class CvtEncoder(nn.Module):
+    def __init__(self, config: CvtConfig):
+        super().__init__()
+        self.stages = nn.ModuleList(CvtStage(config, s) for s in range(config.num_stages))
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False):
+        hidden = pixel_values
+        cls_token = None
+        all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for stage in self.stages:
+            hidden, cls_token, attentions = stage(hidden, output_attentions)
+            if output_hidden_states:
+                all_hidden_states.append(hidden)
+            if output_attentions:
+                all_attentions.extend(attentions)
+        return CvtModelOutput(
+            last_hidden_state=hidden,
+            cls_token_value=cls_token,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- base class
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        except ImportError:  # safetensors' BF16 cannot be written without ml_dtypes; keep the values in float32
+            tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))  # a writable copy: checkpoint arrays are read-only memory maps
+
+
+class CvtPreTrainedModel(nn.Module):
+    """Shared by `CvtModel` and `CvtForImageClassification`: input checks, initialisation, checkpoint I/O."""
+
+    # Whether the state_dict holds the classification head (and the `cvt.` backbone prefix).
+    with_head: bool = False
+
+    def __init__(self, config: CvtConfig):
+        super().__init__()
+        if not isinstance(config, CvtConfig):
+            raise TypeError(f"config must be a cvt_core CvtConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    # ------------------------------------------------------------------ initialisation
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()
+        elif isinstance(module, CvtStage) and module.with_cls_token:
+            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Re-initialise every weight as transformers does (truncated normal, unit norms, zero biases)."""
+        self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_pixel_values(self, pixel_values) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; convert it with "
+                f"torch.as_tensor(...), as float and normalised (e.g. ImageNet mean/std)")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}, but the model needs floating-point input: convert it to "
+                f"float (e.g. pixel_values.float() / 255) and normalise it as the model was trained (e.g. ImageNet mean/std)")
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # shapes may be symbolic here; the eager call has checked them
+        if pixel_values.ndim == 3:
+            raise ValueError(
+                f"pixel_values must be 4-D (batch, channels, height, width), got a 3-D tensor of shape "
+                f"{tuple(pixel_values.shape)}; for a single image add the batch axis with pixel_values.unsqueeze(0)")
+        check_pixel_values_shape(self.config, tuple(int(d) for d in pixel_values.shape))
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
+                        strict: bool = True, ignore_mismatched_sizes: bool = False, **config_overrides):
+        """Build the model from a transformers-format folder (config.json + model.safetensors / pytorch_model.bin).
+
+        A classifier checkpoint loads into `CvtModel` (its head is ignored); a bare checkpoint loads into
+        `CvtForImageClassification` with a freshly initialised head (logged as a warning). Missing, unexpected or
+        mis-shaped weights raise `WeightLoadError` unless `strict=False` / `ignore_mismatched_sizes=True`, in which
+        case the affected weights keep their fresh initialisation and a warning is logged.
+        """
+        directory = os.fspath(directory)
+        if config is None:
+            config = CvtConfig.from_pretrained(directory, **config_overrides)
+        elif config_overrides:
+            config = config.copy(**config_overrides)
+        state = load_pretrained_state(directory)
+        plan = plan_load(config, cls.with_head, {k: v.shape for k, v in state.items()})
+        plan.check(directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+
+        model = cls(config)
+        own_state = model.state_dict()
+        with torch.no_grad():
+            for target, source in plan.assignments.items():
+                destination = own_state[target]
+                destination.copy_(_to_tensor(state[source]).to(dtype=destination.dtype))
+        if plan.fresh_head:
+            logger.warning("%s: the checkpoint has no classification head; newly initialised: %s",
+                           directory, ", ".join(plan.fresh_head))
+        if plan.missing:
+            logger.warning("%s: weights missing from the checkpoint, left freshly initialised: %s",
+                           directory, ", ".join(plan.missing))
+        if plan.unexpected:
+            logger.warning("%s: checkpoint weights not used by %s: %s", directory, cls.__name__, ", ".join(plan.unexpected))
+        if plan.mismatched:
+            logger.warning("%s: weights with a different shape in the checkpoint, left freshly initialised: %s",
+                           directory, ", ".join(f"{n} {got} vs {want}" for n, want, got in plan.mismatched))
+        return model.eval()
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write config.json and model.safetensors, loadable by `from_pretrained` here and in transformers."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        config.extra["architectures"] = [type(self).__name__]
+        config.save_pretrained(directory)
+        save_pretrained_state(directory, {name: _to_numpy(t) for name, t in self.state_dict().items()})
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- public models
+class CvtModel(CvtPreTrainedModel):
+    """The CvT backbone: stages of convolutional token embedding + transformer blocks."""
+
+    with_head = False
+
+    def __init__(self, config: CvtConfig):
+        super().__init__(config)
+        self.encoder = CvtEncoder(config)
+        self.init_weights()
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None):
+        """`pixel_values` (B, C, H, W) float. Returns `CvtModelOutput` (or its tuple with `return_dict=False`):
+        last_hidden_state (B, C_last, H', W'), cls_token_value (B, 1, C_last) or None, hidden_states (one NCHW
+        tensor per stage), attentions (one (B, heads, query_tokens, key_tokens) tensor per layer)."""
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        return_dict = config.use_return_dict if return_dict is None else return_dict
+        self._check_pixel_values(pixel_values)
+        outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        return outputs if return_dict else outputs.to_tuple()
+
+
+class CvtForImageClassification(CvtPreTrainedModel):
+    """CvT backbone, final LayerNorm and a linear classifier.
+
+    The pooled feature is the normalised cls token of the last stage, or (without one) the mean of the normalised
+    final tokens. `num_labels == 0` leaves the classifier an identity, so the logits are the pooled features.
+    """
+
+    with_head = True
+
+    def __init__(self, config: CvtConfig):
+        super().__init__(config)
+        self.cvt = CvtModel(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        with torch.no_grad():  # the backbone initialised itself; only the head is new
+            self.layernorm.apply(self._init_weights)
+            self.classifier.apply(self._init_weights)
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised final tokens: (B, 1, C_last) with a final cls token, else (B, H'*W', C_last)."""
+        return self._normalised_tokens(self.cvt(pixel_values, output_hidden_states=False, output_attentions=False,
+                                                return_dict=True))
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Mean over the tokens of `forward_features`' output, then the classifier (skipped with `pre_logits`)."""
+        pooled = features.mean(dim=1)
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def _normalised_tokens(self, outputs: CvtModelOutput) -> torch.Tensor:
+        if outputs.cls_token_value is not None:
+            return self.layernorm(outputs.cls_token_value)
+        return self.layernorm(_grid_to_tokens(outputs.last_hidden_state))
+
+    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
+                return_dict: Optional[bool] = None):
+        """Returns `CvtImageClassifierOutput` (loss when `labels` are given, logits (B, num_labels), hidden_states,
+        attentions) or its tuple with `return_dict=False`."""
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions, return_dict=True)
+        logits = self.forward_head(self._normalised_tokens(outputs))
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                          attentions=outputs.attentions)
+        return result if return_dict else result.to_tuple()
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """transformers' rule: `config.problem_type`, or else inferred for this call only (the config is not
+        changed): one label -> MSE regression; integer labels -> cross-entropy; otherwise multi-label BCE."""
+        num_labels = self.config.num_labels
+        if num_labels == 0:
+            raise ValueError("this model has num_labels=0 (no classifier), so it cannot compute a loss from labels")
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif not labels.is_floating_point() and labels.dtype != torch.bool:
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            labels = labels.to(logits.dtype)
+            if num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
