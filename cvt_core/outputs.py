@@ -7,6 +7,7 @@ set (None fields are skipped), and `to_tuple()`. The tuple order is transformers
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any, Tuple
 
 
@@ -15,6 +16,9 @@ class ModelOutput(OrderedDict):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__()
+        if len(args) == 1 and not kwargs and isinstance(args[0], (Mapping, Iterator)):
+            # Rebuilt from (name, value) pairs, as tf.function and copy do with a returned mapping.
+            args, kwargs = (), dict(args[0])
         if len(args) > len(self._fields):
             raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} positional values")
         values = dict(zip(self._fields, args))

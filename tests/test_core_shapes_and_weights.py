@@ -212,3 +212,16 @@ def test_sharded_checkpoint_from_transformers_loads(tmp_path):
     assert set(state) == set(expected)
     for key, value in expected.items():
         np.testing.assert_array_equal(state[key], value.numpy())
+
+
+def test_model_output_behaves_like_transformers_model_output():
+    from cvt_core.outputs import CvtImageClassifierOutput
+
+    out = CvtImageClassifierOutput(logits=1, hidden_states=(2, 3))
+    assert out.loss is None and out["logits"] == 1 and out[0] == 1 and out.to_tuple() == (1, (2, 3))
+    out.loss = 0.5
+    assert list(out.keys()) == ["loss", "logits", "hidden_states"] and out[0] == 0.5
+    rebuilt = CvtImageClassifierOutput(iter(out.items()))  # how tf.function rebuilds a returned mapping
+    assert rebuilt == out and rebuilt.logits == 1
+    with pytest.raises(TypeError, match="no field 'pooled'"):
+        CvtImageClassifierOutput(pooled=1)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 import transformers

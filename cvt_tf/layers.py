@@ -1,0 +1,146 @@
+"""Generic Keras 3 layers that reproduce PyTorch operators exactly, for porting PyTorch models.
+
+- `TorchBatchNormalization`: BatchNormalization whose training step updates the moving variance with the unbiased
+  batch variance, as `torch.nn.BatchNorm2d` does (Keras uses the biased one).
+- `GroupedDepthwiseConv2D`: a depthwise convolution that stores its kernel as `Conv2D(groups=C)` does,
+  (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs TensorFlow's fast
+  depthwise kernel instead of the much slower grouped convolution.
+- `CeilModeAveragePooling2D`: `torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True,
+  count_include_pad=True)` for channels-last tensors.
+
+All layers work on channels-last (NHWC) tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+
+from cvt_core.shapes import avg_pool_ceil_extra_padding, avg_pool_ceil_window_counts  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class TorchBatchNormalization(keras.layers.BatchNormalization):
+    """`BatchNormalization` with PyTorch's training semantics and defaults (momentum 0.9 = torch 0.1, eps 1e-5).
+
+    In training, inputs are normalised with the biased batch variance and the moving variance is updated with the
+    unbiased one, var * n / (n - 1) with n = number of values per channel. Inference is Keras' unchanged.
+    Masks, renorm and synchronised statistics are not supported.
+    """
+
+    def __init__(self, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
+        for unsupported in ("renorm", "synchronized"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"TorchBatchNormalization does not support {unsupported}=True")
+        super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            raise ValueError("TorchBatchNormalization does not support masks")
+        if not (training and self.trainable):
+            return super().call(inputs, training=False)
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        inputs = ops.cast(inputs, compute_dtype)
+        reduction_axes = [i for i in range(len(inputs.shape)) if i != self.axis % len(inputs.shape)]
+        mean, variance = ops.moments(inputs, axes=reduction_axes, synchronized=False)
+        shape = ops.shape(inputs)
+        count = ops.cast(ops.prod(ops.stack([shape[a] for a in reduction_axes])), compute_dtype)
+        # torch raises for a single value per channel; here the correction is skipped instead (n / max(n-1, 1)).
+        unbiased_variance = variance * count / ops.maximum(count - 1.0, 1.0)
+        momentum = self.momentum
+        self.moving_mean.assign(
+            ops.cast(self.moving_mean, compute_dtype) * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            ops.cast(self.moving_variance, compute_dtype) * momentum + unbiased_variance * (1.0 - momentum))
+        gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None
+        beta = ops.cast(self.beta, compute_dtype) if self.center else None
+        outputs = ops.batch_normalization(
+            x=inputs, mean=mean, variance=variance, axis=self.axis, offset=beta, scale=gamma, epsilon=self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class GroupedDepthwiseConv2D(keras.layers.Conv2D):
+    """Depthwise `Conv2D(filters=C, groups=C)`: kernel (kh, kw, 1, C), computed with a depthwise kernel.
+
+    TensorFlow's CPU grouped convolution is tens of times slower than its depthwise convolution; the two give the
+    same result, and the stored kernel keeps the `groups=C` layout so weights stay interchangeable.
+    Channels-last only.
+    """
+
+    def __init__(self, filters: int, kernel_size, **kwargs):
+        kwargs.pop("groups", None)
+        if kwargs.get("data_format", "channels_last") != "channels_last":
+            raise ValueError("GroupedDepthwiseConv2D supports data_format='channels_last' only")
+        super().__init__(filters=filters, kernel_size=kernel_size, groups=filters, **kwargs)
+
+    def convolution_op(self, inputs, kernel):
+        kh, kw = self.kernel_size
+        depthwise_kernel = ops.reshape(kernel, (kh, kw, self.filters, 1))
+        return ops.depthwise_conv(
+            inputs, depthwise_kernel, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, data_format="channels_last")
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("groups", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class CeilModeAveragePooling2D(keras.layers.Layer):
+    """PyTorch's `AvgPool2d(kernel, stride, padding, ceil_mode=True, count_include_pad=True)`, channels-last.
+
+    Zero-pad symmetrically, add the zeros a ceil-mode window needs at the bottom/right, average with a 'valid'
+    window, then rescale each output so it is divided by the cells of its window that lie inside the symmetrically
+    padded input (padding counts, the ceil-mode overhang does not). Static spatial sizes use the integer rules of
+    `cvt_core.shapes`; unknown ones compute the same divisor by pooling a mask.
+    """
+
+    def __init__(self, pool_size: int, strides: int, padding: int, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size, self.strides, self.padding = int(pool_size), int(strides), int(padding)
+
+    def call(self, inputs):
+        k, s, p = self.pool_size, self.strides, self.padding
+        height, width = inputs.shape[1], inputs.shape[2]
+        if height is not None and width is not None:
+            extra_h = avg_pool_ceil_extra_padding(height, k, s, p)
+            extra_w = avg_pool_ceil_extra_padding(width, k, s, p)
+            padded = tf.pad(inputs, [[0, 0], [p, p + extra_h], [p, p + extra_w], [0, 0]])
+            averaged = tf.nn.avg_pool2d(padded, k, s, "VALID")
+            counts = np.outer(avg_pool_ceil_window_counts(height, k, s, p), avg_pool_ceil_window_counts(width, k, s, p))
+            rescale = (k * k) / counts.astype(np.float64)
+            return averaged * tf.constant(rescale[None, :, :, None], dtype=averaged.dtype)
+        dynamic = tf.shape(inputs)
+        extra_h = self._dynamic_extra_padding(dynamic[1])
+        extra_w = self._dynamic_extra_padding(dynamic[2])
+        paddings = [[0, 0], [p, p], [p, p], [0, 0]]
+        ceil_paddings = [[0, 0], [0, extra_h], [0, extra_w], [0, 0]]
+        padded = tf.pad(tf.pad(inputs, paddings), ceil_paddings)
+        inside = tf.pad(tf.pad(tf.ones_like(inputs[..., :1]), paddings, constant_values=1.0), ceil_paddings)
+        return tf.nn.avg_pool2d(padded, k, s, "VALID") / tf.nn.avg_pool2d(inside, k, s, "VALID")
+
+    def _dynamic_extra_padding(self, size):
+        # tensor version of cvt_core.shapes.avg_pool_ceil_extra_padding
+        k, s, p = self.pool_size, self.strides, self.padding
+        out = -((-(size + 2 * p - k)) // s) + 1
+        out = tf.where((out - 1) * s >= size + p, out - 1, out)
+        return tf.maximum(0, (out - 1) * s + k - (size + 2 * p))
+
+    def compute_output_shape(self, input_shape):
+        from cvt_core.shapes import avg_pool_ceil_output_size
+
+        def side(n):
+            return None if n is None else avg_pool_ceil_output_size(n, self.pool_size, self.strides, self.padding)
+
+        return (input_shape[0], side(input_shape[1]), side(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides, "padding": self.padding}

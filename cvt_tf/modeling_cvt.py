@@ -1,0 +1,704 @@
+"""CvT in Keras 3 (TensorFlow backend), layer for layer the structure of the PyTorch model in `cvt_torch`.
+
+Keras layer names are transformers' TF layer names, so every variable path below the model is
+`WeightEntry.keras_path()` of `cvt_core.weights`. The numbers equal transformers 4.57.6 in inference; the
+defects listed in the project's facts (drop path by stage and after the residual add, `depth[s] <= s`, cls token
+off the last stage, the `avg` projection, a classifier without cls token, building without `image_size`) are
+not reproduced.
+
+Layers compute channels-last (NHWC). `pixel_values` are NCHW by default, as in transformers; a model built with
+`data_format="channels_last"` takes NHWC images and returns NHWC spatial outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, List, Optional
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+
+from cvt_core.checkpoint import load_pretrained_state, save_pretrained_state  # noqa: E402
+from cvt_core.config import CvtConfig  # noqa: E402
+from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
+from cvt_core.shapes import check_pixel_values_shape, minimum_input_size  # noqa: E402
+from cvt_core.weights import plan_load, weight_table  # noqa: E402
+
+from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
+
+DATA_FORMATS = ("channels_first", "channels_last")
+LAYER_NORM_EPSILON = 1e-5  # every LayerNorm of CvT, whatever config.layer_norm_eps says
+
+
+def _kernel_initializer(config: CvtConfig) -> keras.initializers.Initializer:
+    return keras.initializers.TruncatedNormal(mean=0.0, stddev=config.initializer_range)
+
+
+def _layer_norm(name: str) -> keras.layers.LayerNormalization:
+    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
+
+
+def _dense(config: CvtConfig, units: int, name: str, use_bias: bool = True) -> keras.layers.Dense:
+    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=_kernel_initializer(config),
+                              bias_initializer="zeros", name=name)
+
+
+def _shape_list(tensor) -> List[Any]:
+    """Static sizes where known, scalar tensors where not."""
+    static = tensor.shape.as_list()
+    dynamic = tf.shape(tensor)
+    return [dynamic[i] if size is None else size for i, size in enumerate(static)]
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return lambda x: ops.gelu(x, approximate=False)  # Keras defaults to the tanh approximation
+    if name == "quick_gelu":
+        return lambda x: x * ops.sigmoid(1.702 * x)
+    raise ValueError(f"hidden_act={name!r} is unknown")
+
+
+def _check_data_format(data_format: str) -> str:
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {list(DATA_FORMATS)}, got {data_format!r}")
+    return data_format
+
+
+def validate_pixel_values(config: CvtConfig, pixel_values, data_format: str) -> None:
+    """Refuse non-float dtypes (TypeError) and wrong rank, channels or too small images (ValueError)."""
+    dtype = tf.as_dtype(pixel_values.dtype)
+    if not dtype.is_floating:
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor (float32, float16, bfloat16 or float64), got dtype "
+            f"{dtype.name}: convert and normalise the images first (e.g. x.astype('float32') / 255, then the "
+            f"checkpoint's mean/std)")
+    shape = pixel_values.shape
+    if shape.rank is None:
+        return
+    check_pixel_values_shape(config, shape.as_list(), channels_last=data_format == "channels_last")
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _register_outputs_with_keras_tree() -> None:
+    """Make the output containers nodes of `keras.tree` (optree), not leaves, so Keras' `predict`, `fit` and
+    structure utilities see the tensors inside. Registered in Keras' optree namespace only."""
+    import optree
+
+    def flatten(output):
+        keys = tuple(output.keys())
+        return tuple(output[k] for k in keys), keys, keys
+
+    for output_type in (CvtModelOutput, CvtImageClassifierOutput):
+        def unflatten(keys, children, output_type=output_type):
+            return output_type(**dict(zip(keys, children)))
+
+        try:
+            optree.register_pytree_node(output_type, flatten, unflatten, namespace="keras")
+        except ValueError:
+            pass  # already registered (module re-imported)
+
+
+_register_outputs_with_keras_tree()
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+class TFCvtDropPath(keras.layers.Layer):
+    """Stochastic depth: in training, zero a sample's residual branch with probability `rate`, else scale it by
+    1 / (1 - rate). Identity in inference."""
+
+    def __init__(self, rate: float, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0.0 else None
+
+    def call(self, branch, training=False):
+        if not training or self.rate == 0.0:
+            return branch
+        keep = 1.0 - self.rate
+        mask_shape = [tf.shape(branch)[0]] + [1] * (len(branch.shape) - 1)
+        uniform = keras.random.uniform(mask_shape, dtype=branch.dtype, seed=self.seed_generator)
+        return branch / keep * ops.floor(keep + uniform)
+
+
+class TFCvtConvEmbeddings(keras.layers.Layer):
+    """Convolutional token embedding: padded strided Conv2D, then LayerNorm over channels. NHWC in and out."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.in_channels = config.stage_in_channels(stage)
+        self.embed_dim = config.embed_dim[stage]
+        self.padding = keras.layers.ZeroPadding2D(config.patch_padding[stage], name="padding")
+        self.projection = keras.layers.Conv2D(
+            self.embed_dim, config.patch_sizes[stage], strides=config.patch_stride[stage], padding="valid",
+            kernel_initializer=_kernel_initializer(config), bias_initializer="zeros", name="projection")
+        self.normalization = _layer_norm("normalization")
+
+    def build(self, input_shape=None):
+        self.projection.build((None, None, None, self.in_channels))
+        self.normalization.build((None, None, None, self.embed_dim))
+
+    def call(self, pixel_values):
+        return self.normalization(self.projection(self.padding(pixel_values)))
+
+
+class TFCvtEmbeddings(keras.layers.Layer):
+    """Token embedding of one stage: NHWC grid in, (tokens (B, [1 +] H*W, C), H, W) out. The embedding dropout
+    runs after the stage's cls token is prepended, as in the original."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.convolution_embeddings = TFCvtConvEmbeddings(config, stage, name="convolution_embeddings")
+        self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
+
+    def build(self, input_shape=None):
+        self.convolution_embeddings.build(input_shape)
+
+    def call(self, pixel_values, cls_token=None, training=False):
+        grid = self.convolution_embeddings(pixel_values)
+        batch, height, width, channels = _shape_list(grid)
+        tokens = tf.reshape(grid, (batch, height * width, channels))
+        if cls_token is not None:
+            tokens = tf.concat([tf.tile(ops.cast(cls_token, tokens.dtype), [batch, 1, 1]), tokens], axis=1)
+        return self.dropout(tokens, training=training), height, width
+
+
+class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
+    """`dw_bn` projection: padded depthwise convolution (no bias), then BatchNorm. NHWC in and out."""
+
+    def __init__(self, config: CvtConfig, stage: int, stride: int, padding: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = config.embed_dim[stage]
+        self.padding = keras.layers.ZeroPadding2D(padding, name="padding")
+        self.convolution = GroupedDepthwiseConv2D(
+            self.embed_dim, config.kernel_qkv[stage], strides=stride, padding="valid", use_bias=False,
+            kernel_initializer=_kernel_initializer(config), name="convolution")
+        self.normalization = TorchBatchNormalization(name="normalization")
+
+    def build(self, input_shape=None):
+        self.convolution.build((None, None, None, self.embed_dim))
+        self.normalization.build((None, None, None, self.embed_dim))
+
+    def call(self, hidden_state, training=False):
+        return self.normalization(self.convolution(self.padding(hidden_state)), training=training)
+
+
+class TFCvtSelfAttentionLinearProjection(keras.layers.Layer):
+    """Flatten an NHWC grid into tokens (B, H*W, C)."""
+
+    def call(self, hidden_state):
+        batch, height, width, channels = _shape_list(hidden_state)
+        return tf.reshape(hidden_state, (batch, height * width, channels))
+
+
+class TFCvtSelfAttentionProjection(keras.layers.Layer):
+    """The spatial part of one of q, k, v: `dw_bn` (depthwise conv + BN), `avg` (ceil-mode average pooling for
+    k and v, nothing for q) or `linear` (nothing), then flattening into tokens."""
+
+    def __init__(self, config: CvtConfig, stage: int, role: str, **kwargs):
+        super().__init__(**kwargs)
+        method = config.qkv_projection_method[stage]
+        stride, padding = ((config.stride_q[stage], config.padding_q[stage]) if role == "query"
+                           else (config.stride_kv[stage], config.padding_kv[stage]))
+        self.convolution_projection = None
+        self.average_pooling = None
+        if method == "dw_bn":
+            self.convolution_projection = TFCvtSelfAttentionConvProjection(
+                config, stage, stride, padding, name="convolution_projection")
+        elif method == "avg" and role != "query":
+            self.average_pooling = CeilModeAveragePooling2D(
+                config.kernel_qkv[stage], stride, padding, name="average_pooling")
+        self.linear_projection = TFCvtSelfAttentionLinearProjection(name="linear_projection")
+
+    def build(self, input_shape=None):
+        if self.convolution_projection is not None:
+            self.convolution_projection.build(input_shape)
+
+    def call(self, hidden_state, training=False):
+        if self.convolution_projection is not None:
+            hidden_state = self.convolution_projection(hidden_state, training=training)
+        elif self.average_pooling is not None:
+            hidden_state = self.average_pooling(hidden_state)
+        return self.linear_projection(hidden_state)
+
+
+class TFCvtSelfAttention(keras.layers.Layer):
+    """Multi-head attention over convolutionally projected q, k, v.
+
+    The cls token skips the spatial projection and is prepended to q, k and v before the Dense projections.
+    Scores are scaled by embed_dim ** -0.5 (the stage width, as in the original and transformers).
+    """
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = config.embed_dim[stage]
+        self.num_heads = config.num_heads[stage]
+        self.head_dim = self.embed_dim // self.num_heads
+        self.with_cls_token = bool(config.cls_token[stage])
+        self.scale = self.embed_dim ** -0.5
+        self.convolution_projection_query = TFCvtSelfAttentionProjection(
+            config, stage, "query", name="convolution_projection_query")
+        self.convolution_projection_key = TFCvtSelfAttentionProjection(
+            config, stage, "key", name="convolution_projection_key")
+        self.convolution_projection_value = TFCvtSelfAttentionProjection(
+            config, stage, "value", name="convolution_projection_value")
+        use_bias = bool(config.qkv_bias[stage])
+        self.projection_query = _dense(config, self.embed_dim, "projection_query", use_bias)
+        self.projection_key = _dense(config, self.embed_dim, "projection_key", use_bias)
+        self.projection_value = _dense(config, self.embed_dim, "projection_value", use_bias)
+        self.dropout = keras.layers.Dropout(config.attention_drop_rate[stage], name="dropout")
+
+    def build(self, input_shape=None):
+        grid = (None, None, None, self.embed_dim)
+        tokens = (None, None, self.embed_dim)
+        for projection in (self.convolution_projection_query, self.convolution_projection_key,
+                           self.convolution_projection_value):
+            projection.build(grid)
+        for dense in (self.projection_query, self.projection_key, self.projection_value):
+            dense.build(tokens)
+
+    def _split_heads(self, tokens):
+        batch, length, _ = _shape_list(tokens)
+        tokens = tf.reshape(tokens, (batch, length, self.num_heads, self.head_dim))
+        return tf.transpose(tokens, (0, 2, 1, 3))
+
+    def call(self, hidden_state, height, width, training=False):
+        if self.with_cls_token:
+            cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
+        batch, _, channels = _shape_list(hidden_state)
+        grid = tf.reshape(hidden_state, (batch, height, width, channels))
+        query = self.convolution_projection_query(grid, training=training)
+        key = self.convolution_projection_key(grid, training=training)
+        value = self.convolution_projection_value(grid, training=training)
+        if self.with_cls_token:
+            query = tf.concat([cls_token, query], axis=1)
+            key = tf.concat([cls_token, key], axis=1)
+            value = tf.concat([cls_token, value], axis=1)
+        query = self._split_heads(self.projection_query(query))
+        key = self._split_heads(self.projection_key(key))
+        value = self._split_heads(self.projection_value(value))
+        scores = tf.matmul(query, key, transpose_b=True) * self.scale
+        attention_probs = tf.nn.softmax(scores, axis=-1)
+        context = tf.matmul(self.dropout(attention_probs, training=training), value)
+        context = tf.transpose(context, (0, 2, 1, 3))
+        context = tf.reshape(context, (batch, -1, self.embed_dim))
+        return context, attention_probs
+
+
+class TFCvtSelfOutput(keras.layers.Layer):
+    """Attention output projection, then dropout."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = config.embed_dim[stage]
+        self.dense = _dense(config, self.embed_dim, "dense")
+        self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
+
+    def build(self, input_shape=None):
+        self.dense.build((None, None, self.embed_dim))
+
+    def call(self, hidden_state, training=False):
+        return self.dropout(self.dense(hidden_state), training=training)
+
+
+class TFCvtAttention(keras.layers.Layer):
+    """Self-attention and its output projection; returns (output tokens, attention probabilities)."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = TFCvtSelfAttention(config, stage, name="attention")
+        self.dense_output = TFCvtSelfOutput(config, stage, name="output")
+
+    def build(self, input_shape=None):
+        self.attention.build(input_shape)
+        self.dense_output.build(input_shape)
+
+    def call(self, hidden_state, height, width, training=False):
+        context, attention_probs = self.attention(hidden_state, height=height, width=width, training=training)
+        return self.dense_output(context, training=training), attention_probs
+
+
+class TFCvtIntermediate(keras.layers.Layer):
+    """First MLP layer: Dense to int(embed_dim * mlp_ratio), activation (exact GELU or QuickGELU), dropout."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = config.embed_dim[stage]
+        self.dense = _dense(config, config.mlp_hidden_dim(stage), "dense")
+        self.activation = _activation(config.hidden_act)
+        self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
+
+    def build(self, input_shape=None):
+        self.dense.build((None, None, self.embed_dim))
+
+    def call(self, hidden_state, training=False):
+        return self.dropout(self.activation(self.dense(hidden_state)), training=training)
+
+
+class TFCvtOutput(keras.layers.Layer):
+    """Second MLP layer: Dense back to embed_dim, then dropout (the residual add is the layer's)."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = config.mlp_hidden_dim(stage)
+        self.dense = _dense(config, config.embed_dim[stage], "dense")
+        self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
+
+    def build(self, input_shape=None):
+        self.dense.build((None, None, self.hidden_dim))
+
+    def call(self, hidden_state, training=False):
+        return self.dropout(self.dense(hidden_state), training=training)
+
+
+class TFCvtLayer(keras.layers.Layer):
+    """Pre-norm transformer block: x + drop_path(attention(LN(x))), then x + drop_path(mlp(LN(x)))."""
+
+    def __init__(self, config: CvtConfig, stage: int, index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = config.embed_dim[stage]
+        self.attention = TFCvtAttention(config, stage, name="attention")
+        self.intermediate = TFCvtIntermediate(config, stage, name="intermediate")
+        self.dense_output = TFCvtOutput(config, stage, name="output")
+        self.drop_path = TFCvtDropPath(config.drop_path_rates(stage)[index], name="drop_path")
+        self.layernorm_before = _layer_norm("layernorm_before")
+        self.layernorm_after = _layer_norm("layernorm_after")
+
+    def build(self, input_shape=None):
+        tokens = (None, None, self.embed_dim)
+        self.attention.build(tokens)
+        self.intermediate.build(tokens)
+        self.dense_output.build(tokens)
+        self.layernorm_before.build(tokens)
+        self.layernorm_after.build(tokens)
+
+    def call(self, hidden_state, height, width, training=False):
+        attention_output, attention_probs = self.attention(
+            self.layernorm_before(hidden_state), height=height, width=width, training=training)
+        hidden_state = hidden_state + self.drop_path(attention_output, training=training)
+        mlp_output = self.dense_output(
+            self.intermediate(self.layernorm_after(hidden_state), training=training), training=training)
+        hidden_state = hidden_state + self.drop_path(mlp_output, training=training)
+        return hidden_state, attention_probs
+
+
+class TFCvtStage(keras.layers.Layer):
+    """One stage: token embedding with the optional cls token, then `depth[stage]` blocks. NHWC in and out."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs):
+        super().__init__(**kwargs)
+        self.stage = stage
+        self.embed_dim = config.embed_dim[stage]
+        self.in_channels = config.stage_in_channels(stage)
+        self.cls_token = None
+        if config.cls_token[stage]:
+            # Created directly (add_weight would open this layer's name scope) and while the model is being
+            # constructed, outside any scope, so its path is transformers' TF variable name exactly.
+            self.cls_token = keras.Variable(
+                initializer=_kernel_initializer(config), shape=(1, 1, self.embed_dim), dtype=self.variable_dtype,
+                trainable=True, name=f"cvt.encoder.stages.{stage}.cls_token")
+        self.embedding = TFCvtEmbeddings(config, stage, name="embedding")
+        self.blocks = [TFCvtLayer(config, stage, j, name=f"layers.{j}") for j in range(config.depth[stage])]
+
+    def build(self, input_shape=None):
+        self.embedding.build((None, None, None, self.in_channels))
+        for block in self.blocks:
+            block.build((None, None, self.embed_dim))
+
+    def call(self, hidden_state, training=False):
+        tokens, height, width = self.embedding(hidden_state, cls_token=self.cls_token, training=training)
+        attentions = []
+        for block in self.blocks:
+            tokens, attention_probs = block(tokens, height=height, width=width, training=training)
+            attentions.append(attention_probs)
+        cls_token = None
+        if self.cls_token is not None:
+            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        grid = tf.reshape(tokens, (tf.shape(tokens)[0], height, width, self.embed_dim))
+        return grid, cls_token, tuple(attentions)
+
+
+class TFCvtEncoder(keras.layers.Layer):
+    """All stages in order; NHWC in, (last NHWC grid, cls token or None, per-stage NHWC grids, attentions) out."""
+
+    def __init__(self, config: CvtConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.stages = [TFCvtStage(config, s, name=f"stages.{s}") for s in range(config.num_stages)]
+
+    def build(self, input_shape=None):
+        for stage in self.stages:
+            stage.build(None)
+
+    def call(self, hidden_state, training=False):
+        cls_token = None
+        hidden_states, attentions = [], []
+        for stage in self.stages:
+            hidden_state, cls_token, stage_attentions = stage(hidden_state, training=training)
+            hidden_states.append(hidden_state)
+            attentions.extend(stage_attentions)
+        return hidden_state, cls_token, tuple(hidden_states), tuple(attentions)
+
+
+class TFCvtMainLayer(keras.layers.Layer):
+    """The backbone (`cvt`): validates `pixel_values`, runs the encoder, returns a `CvtModelOutput`."""
+
+    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.data_format = _check_data_format(data_format)
+        self.encoder = TFCvtEncoder(config, name="encoder")
+
+    def build(self, input_shape=None):
+        self.encoder.build(None)
+
+    def _to_output_layout(self, grid):
+        return tf.transpose(grid, (0, 3, 1, 2)) if self.data_format == "channels_first" else grid
+
+    def call(self, pixel_values, output_hidden_states=False, output_attentions=False, training=False):
+        validate_pixel_values(self.config, pixel_values, self.data_format)
+        hidden_state = pixel_values
+        if self.data_format == "channels_first":
+            hidden_state = tf.transpose(hidden_state, (0, 2, 3, 1))
+        last, cls_token, hidden_states, attentions = self.encoder(hidden_state, training=training)
+        return CvtModelOutput(
+            last_hidden_state=self._to_output_layout(last),
+            cls_token_value=cls_token,
+            hidden_states=tuple(self._to_output_layout(h) for h in hidden_states) if output_hidden_states else None,
+            attentions=attentions if output_attentions else None,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ models
+class TFCvtPreTrainedModel(keras.Model):
+    """Shared by both models: construction from a `CvtConfig`, Keras (de)serialisation, the canonical weight map
+    and transformers-compatible `from_pretrained` / `save_pretrained`."""
+
+    with_head = False
+    architecture = "CvtModel"
+
+    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(config, CvtConfig):
+            raise TypeError(f"config must be a cvt_core.CvtConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.data_format = _check_data_format(data_format)
+        self.cvt = TFCvtMainLayer(config, data_format=data_format, name="cvt")
+
+    def _resolve_flags(self, output_hidden_states, output_attentions, return_dict):
+        config = self.config
+        return (config.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+                config.output_attentions if output_attentions is None else bool(output_attentions),
+                config.use_return_dict if return_dict is None else bool(return_dict))
+
+    # ---------------------------------------------------------------- Keras serialisation
+    def get_config(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+            "config": self.config.to_dict(),
+            "data_format": self.data_format,
+        }
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any], custom_objects=None):
+        config = dict(config)
+        cvt_config = config.pop("config")
+        if isinstance(cvt_config, dict):
+            cvt_config = CvtConfig.from_dict(cvt_config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+        return cls(cvt_config, **config)
+
+    # ---------------------------------------------------------------- weights
+    def build_with_dummy_input(self) -> None:
+        """Build every variable by running the smallest input the config accepts."""
+        side = minimum_input_size(self.config)
+        channels = self.config.num_channels
+        shape = (1, channels, side, side) if self.data_format == "channels_first" else (1, side, side, channels)
+        self(np.zeros(shape, np.float32), training=False)
+
+    def canonical_weights(self) -> Dict[str, keras.Variable]:
+        """Every variable keyed by its transformers PyTorch name (`WeightEntry.torch_name`), found by walking the
+        layers by name; builds the model first if needed."""
+        if not self.built:
+            self.build_with_dummy_input()
+        weights: Dict[str, keras.Variable] = {}
+        for entry in weight_table(self.config, self.with_head):
+            if not entry.has_keras_twin:
+                continue
+            layer = self if entry.in_head else _child_layer(self, "cvt")
+            for part in entry.module:
+                layer = _child_layer(layer, part)
+            variable = getattr(layer, entry.keras_leaf, None)
+            if not isinstance(variable, keras.Variable):
+                raise RuntimeError(f"layer {layer.path!r} has no variable {entry.keras_leaf!r} for {entry.name}")
+            weights[entry.torch_name(self.with_head)] = variable
+        return weights
+
+    @classmethod
+    def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
+                        ignore_mismatched_sizes: bool = False, data_format: str = "channels_first",
+                        **config_overrides: Any):
+        """Load a transformers PyTorch checkpoint folder (config.json + model.safetensors or pytorch_model.bin).
+
+        `strict`: missing or unexpected weights raise `WeightLoadError` (else they are reported and missing ones
+        keep their initial values); `ignore_mismatched_sizes`: mis-shaped weights are re-initialised instead of
+        raising. A classifier checkpoint loads into the bare model; a bare checkpoint loads into the classifier
+        with a fresh head (with a warning).
+        """
+        directory = os.fspath(directory)
+        if config is None:
+            config = CvtConfig.from_pretrained(directory, **config_overrides)
+        elif config_overrides:
+            config = config.copy(**config_overrides)
+        state = load_pretrained_state(directory)
+        plan = plan_load(config, cls.with_head, {k: v.shape for k, v in state.items()})
+        plan.check(directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        model = cls(config, data_format=data_format)
+        model.build_with_dummy_input()
+        by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}
+        for name, variable in model.canonical_weights().items():
+            source = plan.assignments.get(name)
+            if source is None:
+                continue
+            value = by_name[name].to_keras(np.asarray(state[source]))
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        if plan.fresh_head:
+            warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
+                          f"{', '.join(plan.fresh_head)}. Train the model before using its predictions.", stacklevel=2)
+        if plan.mismatched:
+            warnings.warn(f"{directory}: re-initialised because their shapes differ from the checkpoint: "
+                          f"{', '.join(f'{n} {got} vs model {want}' for n, want, got in plan.mismatched)}",
+                          stacklevel=2)
+        if plan.missing or plan.unexpected:
+            warnings.warn(f"{directory}: loaded non-strictly; missing (initialised): {plan.missing or 'none'}; "
+                          f"unexpected (ignored): {plan.unexpected or 'none'}", stacklevel=2)
+        return model
+
+    def save_pretrained(self, directory: str) -> str:
+        """Write config.json and model.safetensors in transformers' PyTorch layout and names; returns `directory`.
+
+        BatchNorm `num_batches_tracked` is written as 0: a Keras model does not count batches.
+        """
+        directory = os.fspath(directory)
+        weights = self.canonical_weights()
+        tensors: Dict[str, np.ndarray] = {}
+        for entry in weight_table(self.config, self.with_head):
+            name = entry.torch_name(self.with_head)
+            if entry.has_keras_twin:
+                tensors[name] = np.ascontiguousarray(entry.from_keras(np.asarray(weights[name].numpy())))
+            else:
+                tensors[name] = np.zeros(entry.shape, np.int64)
+        config = self.config.copy()
+        config.extra["architectures"] = [self.architecture]
+        save_pretrained_state(directory, tensors)
+        config.save_pretrained(directory)
+        return directory
+
+
+def _child_layer(layer: keras.layers.Layer, name: str) -> keras.layers.Layer:
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+        if child.name == name:
+            return child
+    raise KeyError(f"layer {layer.name!r} has no sub-layer named {name!r}")
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class TFCvtModel(TFCvtPreTrainedModel):
+    """The bare CvT backbone. Returns `CvtModelOutput` (or its tuple with `return_dict=False`)."""
+
+    with_head = False
+    architecture = "CvtModel"
+
+    def build(self, input_shape=None):
+        self.cvt.build(None)
+
+    def call(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None,
+             training=False):
+        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
+            output_hidden_states, output_attentions, return_dict)
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions, training=training)
+        return outputs if return_dict else outputs.to_tuple()
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class TFCvtForImageClassification(TFCvtPreTrainedModel):
+    """CvT with the classification head: LayerNorm of the final cls token (or of every final token, then their
+    mean, when the last stage has none) and a Dense classifier (identity when num_labels is 0)."""
+
+    with_head = True
+    architecture = "CvtForImageClassification"
+
+    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
+        super().__init__(config, data_format=data_format, **kwargs)
+        self.layernorm = _layer_norm("layernorm")
+        if config.num_labels > 0:
+            self.classifier = _dense(config, config.num_labels, "classifier")
+        else:
+            self.classifier = keras.layers.Identity(name="classifier")
+
+    def build(self, input_shape=None):
+        self.cvt.build(None)
+        self.layernorm.build((None, None, self.config.hidden_size))
+        self.classifier.build((None, self.config.hidden_size))
+
+    def call(self, pixel_values, labels=None, output_hidden_states=None, output_attentions=None,
+             return_dict=None, training=False):
+        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
+            output_hidden_states, output_attentions, return_dict)
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
+                           output_attentions=output_attentions, training=training)
+        if self.config.cls_token[-1]:
+            tokens = outputs.cls_token_value
+        else:
+            grid = outputs.last_hidden_state
+            if self.data_format == "channels_first":
+                grid = tf.transpose(grid, (0, 2, 3, 1))
+            batch, height, width, channels = _shape_list(grid)
+            tokens = tf.reshape(grid, (batch, height * width, channels))
+        pooled = tf.reduce_mean(self.layernorm(tokens), axis=1)
+        logits = self.classifier(pooled)
+        loss = None if labels is None else self.compute_classification_loss(labels, logits)
+        result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                              attentions=outputs.attentions)
+        return result if return_dict else result.to_tuple()
+
+    def problem_type_for(self, labels) -> str:
+        """config.problem_type, or transformers' inference from num_labels and the labels' dtype."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.config.num_labels == 1:
+            return "regression"
+        if tf.as_dtype(labels.dtype).is_integer:
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    def compute_classification_loss(self, labels, logits):
+        """MSE (regression), softmax cross-entropy ignoring label -100 (single label) or sigmoid BCE (multi label),
+        each a mean over the batch, as transformers' PyTorch model computes it."""
+        if self.config.num_labels == 0:
+            raise ValueError("num_labels is 0 (identity head): there are no logits to compute a loss from")
+        labels = tf.convert_to_tensor(labels)
+        problem_type = self.problem_type_for(labels)
+        if problem_type == "regression":
+            labels = tf.cast(labels, logits.dtype)
+            if self.config.num_labels == 1:
+                return tf.reduce_mean(tf.square(tf.reshape(logits, [-1]) - tf.reshape(labels, [-1])))
+            return tf.reduce_mean(tf.square(logits - labels))
+        if problem_type == "single_label_classification":
+            labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+            logits = tf.reshape(logits, (-1, self.config.num_labels))
+            valid = tf.not_equal(labels, -100)  # torch CrossEntropyLoss's default ignore_index
+            per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.where(valid, labels, tf.zeros_like(labels)), logits=logits)
+            valid = tf.cast(valid, per_sample.dtype)
+            return tf.reduce_sum(per_sample * valid) / tf.reduce_sum(valid)
+        labels = tf.cast(labels, logits.dtype)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
