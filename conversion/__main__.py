@@ -1,0 +1,7 @@
+"""`python -m conversion ...` is the `cvt` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
