@@ -1,7 +1,8 @@
 """Generic Keras 3 layers that reproduce PyTorch operators exactly, for porting PyTorch models.
 
 - `TorchBatchNormalization`: BatchNormalization whose training step updates the moving variance with the unbiased
-  batch variance, as `torch.nn.BatchNorm2d` does (Keras uses the biased one).
+  batch variance, as `torch.nn.BatchNorm2d` does (Keras uses the biased one), optionally synchronised across the
+  replicas of a `tf.distribute` strategy as `torch.nn.SyncBatchNorm` is.
 - `GroupedDepthwiseConv2D`: a depthwise convolution that stores its kernel as `Conv2D(groups=C)` does,
   (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs TensorFlow's fast
   depthwise kernel instead of the much slower grouped convolution.
@@ -31,14 +32,34 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
 
     In training, inputs are normalised with the biased batch variance and the moving variance is updated with the
     unbiased one, var * n / (n - 1) with n = number of values per channel. Inference is Keras' unchanged.
-    Masks, renorm and synchronised statistics are not supported.
+
+    `synchronized=True` (settable after construction too) computes the batch statistics over the global batch of
+    a `tf.distribute` strategy (MirroredStrategy, MultiWorkerMirroredStrategy), as `torch.nn.SyncBatchNorm` does:
+    the replicas all-reduce their sums (a two-pass mean and variance) and the counts, gradients flow through the
+    all-reduce, and every replica applies the same moving-statistics update. Outside a multi-replica strategy it
+    changes nothing. Masks and renorm are not supported.
     """
 
     def __init__(self, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
-        for unsupported in ("renorm", "synchronized"):
-            if kwargs.get(unsupported):
-                raise ValueError(f"TorchBatchNormalization does not support {unsupported}=True")
+        if kwargs.get("renorm"):
+            raise ValueError("TorchBatchNormalization does not support renorm=True")
         super().__init__(momentum=momentum, epsilon=epsilon, **kwargs)
+
+    def _batch_moments(self, inputs, reduction_axes, dtype):
+        """(mean, biased variance, number of values per channel) of this replica's batch, or of the global
+        batch when synchronized across the replicas of a strategy."""
+        shape = ops.shape(inputs)
+        count = ops.cast(ops.prod(ops.stack([shape[a] for a in reduction_axes])), dtype)
+        context = tf.distribute.get_replica_context()
+        if not (self.synchronized and context is not None and context.num_replicas_in_sync > 1):
+            mean, variance = ops.moments(inputs, axes=reduction_axes, synchronized=False)
+            return mean, variance, count
+        local_sum = tf.reduce_sum(inputs, axis=reduction_axes)
+        total_sum, total_count = context.all_reduce(tf.distribute.ReduceOp.SUM, [local_sum, count])
+        mean = total_sum / total_count
+        squared_deviation = tf.reduce_sum(tf.square(inputs - mean), axis=reduction_axes)
+        variance = context.all_reduce(tf.distribute.ReduceOp.SUM, squared_deviation) / total_count
+        return mean, variance, total_count
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None:
@@ -48,9 +69,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
         inputs = ops.cast(inputs, compute_dtype)
         reduction_axes = [i for i in range(len(inputs.shape)) if i != self.axis % len(inputs.shape)]
-        mean, variance = ops.moments(inputs, axes=reduction_axes, synchronized=False)
-        shape = ops.shape(inputs)
-        count = ops.cast(ops.prod(ops.stack([shape[a] for a in reduction_axes])), compute_dtype)
+        mean, variance, count = self._batch_moments(inputs, reduction_axes, compute_dtype)
         # torch raises for a single value per channel; here the correction is skipped instead (n / max(n-1, 1)).
         unbiased_variance = variance * count / ops.maximum(count - 1.0, 1.0)
         momentum = self.momentum

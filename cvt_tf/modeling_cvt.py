@@ -8,12 +8,18 @@ not reproduced.
 
 Layers compute channels-last (NHWC). `pixel_values` are NCHW by default, as in transformers; a model built with
 `data_format="channels_last"` takes NHWC images and returns NHWC spatial outputs.
+
+Keras training: `compile(optimizer, loss=..., metrics=...)` then `fit(images, labels)` applies the loss and metrics
+to the logits; `compile(optimizer)` without a loss trains on the model's own loss (transformers' rule), from labels
+given as `y` or inside the input dict `{"pixel_values": ..., "labels": ...}`. `predict` returns the logits (float32);
+calling the model returns the whole output container.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -67,6 +73,26 @@ def _check_data_format(data_format: str) -> str:
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {list(DATA_FORMATS)}, got {data_format!r}")
     return data_format
+
+
+INPUT_KEYS = ("pixel_values", "labels", "output_hidden_states", "output_attentions", "return_dict")
+
+
+def unpack_inputs(pixel_values, **arguments) -> Dict[str, Any]:
+    """transformers' TF convention: the first argument may be a dict holding `pixel_values` and any other call
+    argument (`labels`, ...); its entries win over the keyword arguments. Returns every argument by name."""
+    if isinstance(pixel_values, Mapping):
+        inputs = dict(pixel_values)
+        unknown = sorted(set(inputs) - set(INPUT_KEYS))
+        if unknown or "pixel_values" not in inputs:
+            raise ValueError(f"an input dict needs the key 'pixel_values' and may hold {list(INPUT_KEYS[1:])}; "
+                             f"got keys {sorted(inputs)}")
+        for key, value in inputs.items():
+            if key in arguments or key == "pixel_values":
+                arguments[key] = value
+        pixel_values = inputs["pixel_values"]
+    arguments["pixel_values"] = pixel_values
+    return arguments
 
 
 def validate_pixel_values(config: CvtConfig, pixel_values, data_format: str) -> None:
@@ -515,6 +541,40 @@ class TFCvtPreTrainedModel(keras.Model):
             config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
         return cls(cvt_config, **config)
 
+    # ---------------------------------------------------------------- MultiWorkerMirroredStrategy
+    # Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585): it reduces
+    # the first distributed batch with `strategy.reduce`, which that strategy cannot apply to a nested structure,
+    # and it averages each step's scalar metrics with `strategy.reduce("MEAN", value, axis=0)`, which needs an
+    # axis. The two methods below work around both, for this strategy only.
+    def _in_multi_worker_strategy(self) -> bool:
+        return isinstance(getattr(self, "_distribute_strategy", None), tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _step_logs(self, logs):
+        if not self._in_multi_worker_strategy():
+            return logs
+        return keras.tree.map_structure(
+            lambda value: tf.reshape(value, [1]) if tf.is_tensor(value) and value.shape.rank == 0 else value, logs)
+
+    def train_step(self, data):
+        return self._step_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return self._step_logs(super().test_step(data))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # The build only needs shapes: take this worker's first replica's batch instead of reducing it.
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is None or not self._in_multi_worker_strategy():
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            data_batch = keras.tree.map_structure(
+                lambda value: (strategy.experimental_local_results(value)[0]
+                               if isinstance(value, tf.distribute.DistributedValues) else value),
+                next(batches))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
     # ---------------------------------------------------------------- weights
     def build_with_dummy_input(self) -> None:
         """Build every variable by running the smallest input the config accepts."""
@@ -621,8 +681,11 @@ class TFCvtModel(TFCvtPreTrainedModel):
 
     def call(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None,
              training=False):
+        arguments = unpack_inputs(pixel_values, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, return_dict=return_dict)
+        pixel_values = arguments["pixel_values"]
         output_hidden_states, output_attentions, return_dict = self._resolve_flags(
-            output_hidden_states, output_attentions, return_dict)
+            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
                            output_attentions=output_attentions, training=training)
         return outputs if return_dict else outputs.to_tuple()
@@ -651,8 +714,11 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
 
     def call(self, pixel_values, labels=None, output_hidden_states=None, output_attentions=None,
              return_dict=None, training=False):
+        arguments = unpack_inputs(pixel_values, labels=labels, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, return_dict=return_dict)
+        pixel_values, labels = arguments["pixel_values"], arguments["labels"]
         output_hidden_states, output_attentions, return_dict = self._resolve_flags(
-            output_hidden_states, output_attentions, return_dict)
+            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
                            output_attentions=output_attentions, training=training)
         if self.config.cls_token[-1]:
@@ -680,25 +746,80 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             return "single_label_classification"
         return "multi_label_classification"
 
-    def compute_classification_loss(self, labels, logits):
+    def compute_classification_loss(self, labels, logits, sample_weight=None):
         """MSE (regression), softmax cross-entropy ignoring label -100 (single label) or sigmoid BCE (multi label),
-        each a mean over the batch, as transformers' PyTorch model computes it."""
+        each a mean over the batch, as transformers' PyTorch model computes it. Computed in float32 whatever the
+        logits' dtype (mixed precision). With `sample_weight`, the mean is weighted per sample."""
         if self.config.num_labels == 0:
             raise ValueError("num_labels is 0 (identity head): there are no logits to compute a loss from")
         labels = tf.convert_to_tensor(labels)
+        logits = tf.cast(logits, tf.float32)
         problem_type = self.problem_type_for(labels)
         if problem_type == "regression":
             labels = tf.cast(labels, logits.dtype)
             if self.config.num_labels == 1:
-                return tf.reduce_mean(tf.square(tf.reshape(logits, [-1]) - tf.reshape(labels, [-1])))
-            return tf.reduce_mean(tf.square(logits - labels))
-        if problem_type == "single_label_classification":
+                per_sample = tf.square(tf.reshape(logits, [-1]) - tf.reshape(labels, [-1]))
+            else:
+                per_sample = tf.reduce_mean(tf.square(logits - labels), axis=-1)
+            valid = tf.ones_like(per_sample)
+        elif problem_type == "single_label_classification":
             labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
             logits = tf.reshape(logits, (-1, self.config.num_labels))
             valid = tf.not_equal(labels, -100)  # torch CrossEntropyLoss's default ignore_index
             per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.where(valid, labels, tf.zeros_like(labels)), logits=logits)
             valid = tf.cast(valid, per_sample.dtype)
-            return tf.reduce_sum(per_sample * valid) / tf.reduce_sum(valid)
-        labels = tf.cast(labels, logits.dtype)
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+        else:
+            labels = tf.cast(labels, logits.dtype)
+            per_sample = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1)
+            valid = tf.ones_like(per_sample)
+        if sample_weight is not None:
+            valid = valid * tf.reshape(tf.cast(sample_weight, per_sample.dtype), [-1])
+        return tf.math.divide_no_nan(tf.reduce_sum(per_sample * valid), tf.reduce_sum(valid))
+
+    # ---------------------------------------------------------------- Keras fit / evaluate / predict
+    @staticmethod
+    def _labels_inside(x):
+        return x.get("labels") if isinstance(x, Mapping) else None
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' loss hook (`fit`, `evaluate`). A loss given to `compile` is applied to (y, float32 logits); with
+        none, the model's own loss is used, from labels passed inside the input dict or as `y`. The result is
+        scaled for the replicas of a `tf.distribute` strategy as Keras' own losses are."""
+        logits, model_loss = y_pred, None
+        if isinstance(y_pred, CvtImageClassifierOutput):
+            logits, model_loss = y_pred.logits, y_pred.loss
+        if y is None:
+            y = self._labels_inside(x)
+        if getattr(self, "_compile_loss", None) is not None:
+            if y is None:
+                raise ValueError("fit/evaluate got no labels: pass them as y, or inside the input dict as 'labels'")
+            return super().compute_loss(x, y, tf.cast(logits, tf.float32), sample_weight, training=training)
+        if model_loss is None or sample_weight is not None:
+            if y is None:
+                raise ValueError("no loss to train on: compile with a loss, or pass labels (as y, or inside the input "
+                                 "dict as 'labels') so the model computes its own")
+            model_loss = self.compute_classification_loss(y, logits, sample_weight)
+        total = tf.cast(model_loss, tf.float32)
+        for extra in self.losses:  # add_loss / regularisers, as Keras adds them
+            total = total + tf.reduce_sum(tf.cast(extra, tf.float32))
+        # Each replica's gradients are summed across replicas, so each contributes its mean / replicas.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return total / replicas if replicas > 1 else total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Compiled metrics see (labels, logits); labels come from `y` or from the input dict."""
+        if isinstance(y_pred, CvtImageClassifierOutput):
+            y_pred = y_pred.logits
+        if y is None:
+            y = self._labels_inside(x)
+        if y is None:
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data):
+        """`predict` returns the logits, as float32 (the output container is what calling the model returns)."""
+        outputs = super().predict_step(data)
+        if isinstance(outputs, CvtImageClassifierOutput):
+            outputs = outputs.logits
+        return tf.cast(outputs, tf.float32)

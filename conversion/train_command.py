@@ -1,0 +1,779 @@
+"""`cvt train` and `cvt predict`: train or fine-tune a CvT in either framework, move it to the other one and
+prove there that it predicts the same; classify images with a trained checkpoint.
+
+    cvt train [--data DIR] [--framework torch|keras] [--init CHECKPOINT | --config PRESET_OR_JSON] [--epochs N] ...
+    cvt predict IMAGE... --model DIR [--framework torch|keras] [--top-k K]
+
+`cvt train` without `--data` trains on the handwritten digits that ship inside scikit-learn (1797 8x8 grey images,
+10 classes), upscaled to 32x32, with the small architecture `TINY_ARCHITECTURE`. A run directory (default
+`runs/<timestamp>/`) receives:
+
+    checkpoint/            config.json (with id2label), model.safetensors, preprocessor_config.json
+                           (+ model.keras when trained with Keras): transformers' layout, loadable by both frameworks
+    converted-<other>/     the same model written by `cvt convert` in the other framework's format, cross-checked
+    training_curve.png     loss and accuracy per epoch
+    report.json            settings, history, timings, validation accuracy in both frameworks, top-1 agreement
+
+and the last line printed is `validation accuracy: torch 0.98xx, keras 0.98xx; top-1 agreement 100.00% ...`.
+
+Distributed: under `torchrun --nproc_per_node N` (e.g. `torchrun --nproc_per_node 2 -m cvt_torch.training ...`)
+the PyTorch run uses DistributedDataParallel, `--sync-batchnorm` synchronising BatchNorm; with Keras,
+`--strategy mirrored` (all local devices, or `--cpu-replicas N` logical CPU devices) or `--strategy multi-worker`
+(TF_CONFIG). `--batch-size` is always the global batch.
+
+This module provides `register(subparsers)` for the `cvt` parser and `main(argv)` (the two sub-commands alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import ConversionError, one_line
+
+# The architecture `cvt train` builds when neither --init nor --config is given: CvT-13's three-stage layout with
+# its patch sizes and strides (7/4, 3/2, 3/2), narrower and shallower for small images. At 32x32 the stages see
+# 8x8, 4x4 and 2x2 token grids; 0.57 M parameters with 10 classes.
+TINY_ARCHITECTURE: Dict[str, Any] = dict(
+    embed_dim=[32, 64, 128], num_heads=[1, 2, 4], depth=[1, 1, 2], patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2],
+    patch_padding=[2, 1, 1], drop_path_rate=[0.0, 0.0, 0.1])
+DEFAULT_IMAGE_SIZE = 32
+FRAMEWORKS = ("torch", "keras")
+OTHER = {"torch": "keras", "keras": "torch"}
+CHECKPOINT_DIR = "checkpoint"
+REPORT_NAME = "report.json"
+PLOT_NAME = "training_curve.png"
+
+
+# ============================================================================================================ arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", default=None,
+                      help="image folder with one subfolder per class (default: scikit-learn's handwritten digits)")
+    data.add_argument("--val-fraction", type=_fraction, default=0.2, metavar="F",
+                      help="share of each class held out for validation (default 0.2)")
+    data.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+                      help=f"training resolution (default {DEFAULT_IMAGE_SIZE}; with --init, the checkpoint's "
+                           f"preprocessing)")
+    data.add_argument("--augment-shift", type=_non_negative_int, default=None, metavar="PIXELS",
+                      help="random translation of training images by up to PIXELS (default image size / 16)")
+    data.add_argument("--flip", action="store_true", help="random horizontal flips (not for digits or text)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--framework", choices=FRAMEWORKS, default="torch",
+                       help="framework to train with (default torch); the result is evaluated in both")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--init", metavar="CHECKPOINT", default=None,
+                        help="fine-tune from this checkpoint folder (transformers layout); the classifier is "
+                             "re-initialised when the number of classes differs")
+    source.add_argument("--config", metavar="PRESET_OR_JSON", default=None,
+                        help="architecture to train from scratch: a preset (cvt-13, cvt-21, cvt-w24) or a "
+                             "config.json (default: a small 3-stage CvT for small images, see docs/training.md)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive_int, default=15, help="passes over the training set (default 15)")
+    train.add_argument("--batch-size", type=_positive_int, default=64,
+                       help="global batch size, shared by all processes / replicas (default 64)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="peak learning rate of AdamW (default 2e-3 from scratch, 1e-4 with --init)")
+    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    train.add_argument("--warmup-epochs", type=float, default=1.0,
+                       help="linear warm-up before the cosine decay (default 1 epoch)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
+    train.add_argument("--bf16", action="store_true",
+                       help="bfloat16 mixed precision (torch.autocast / Keras mixed_bfloat16); weights stay float32")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (PyTorch only)")
+    train.add_argument("--threads", type=_non_negative_int, default=None,
+                       help="CPU threads per process (default: 1 for the small default model, which runs fastest "
+                            "single-threaded, else the framework's choice; 0 = the framework's choice)")
+
+    distributed = parser.add_argument_group("distributed")
+    distributed.add_argument("--sync-batchnorm", action="store_true",
+                             help="BatchNorm statistics over the global batch (SyncBatchNorm / synchronized Keras BN)")
+    distributed.add_argument("--strategy", choices=("default", "mirrored", "multi-worker"), default="default",
+                             help="Keras tf.distribute strategy (PyTorch: launch with torchrun instead)")
+    distributed.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+                             help="with --strategy mirrored: split the CPU into N logical devices, one replica each")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", default=None, help="run directory (default runs/<timestamp>)")
+    output.add_argument("--force", action="store_true", help="reuse an existing, non-empty --out directory")
+    output.add_argument("--no-convert", action="store_true",
+                        help="skip the conversion to the other framework and its evaluation")
+    output.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint folder (config.json with id2label, weights, preprocessor_config.json)")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default=None,
+                        help="framework to run (default: torch when its weights and PyTorch are available)")
+    parser.add_argument("--top-k", type=_positive_int, default=5, help="labels to show per image (default 5)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    """Add `train` and `predict` to the `cvt` command's sub-parsers; each sets `args.handler(args) -> int`."""
+    train = subparsers.add_parser(
+        "train", help="train or fine-tune a CvT on an image folder (default: digits) and check it in both frameworks",
+        description="Train (or fine-tune with --init) a CvT classifier on an image folder, one subfolder per class "
+                    "(default: scikit-learn's handwritten digits), in PyTorch or Keras; save it in transformers' "
+                    "layout with its preprocessing, convert it to the other framework and evaluate it there.")
+    add_train_arguments(train)
+    train.set_defaults(handler=train_handler)
+    predict = subparsers.add_parser(
+        "predict", help="classify images with a trained checkpoint",
+        description="Print the top-k labels and probabilities of each image, preprocessed as the checkpoint's "
+                    "preprocessor_config.json says.")
+    add_predict_arguments(predict)
+    predict.set_defaults(handler=predict_handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT training and prediction")
+    register(parser.add_subparsers(dest="command", metavar="{train,predict}"))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`train` / `predict` alone (what `cvt train` / `cvt predict` run); returns the exit status: 0 success,
+    2 a usage or input error (one line `cvt: error: ...` on stderr), 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.handler(args)
+
+
+def _error(message: str) -> None:
+    sys.stdout.flush()
+    print(f"cvt: error: {one_line(message)}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _handle(work: Callable[[], Any]) -> int:
+    from cvt_core.checkpoint import CheckpointError
+    from cvt_core.datasets import DatasetError
+    from cvt_core.weights import WeightLoadError
+
+    from . import progress
+    from .errors import CrossCheckFailed, describe
+
+    try:
+        work()
+        return 0
+    except (ConversionError, DatasetError) as exc:
+        _error(str(exc))
+        return 2
+    except CrossCheckFailed:
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except (OSError, CheckpointError, WeightLoadError) as exc:
+        _error(str(describe(exc, getattr(exc, "filename", None))))
+        return 2
+    finally:
+        progress.set_enabled(True)
+
+
+def train_handler(args) -> int:
+    from . import progress
+
+    progress.set_enabled(not args.quiet)
+    return _handle(lambda: train(args))
+
+
+def predict_handler(args) -> int:
+    from . import progress
+
+    progress.set_enabled(not args.quiet)
+    return _handle(lambda: predict(args))
+
+
+# ============================================================================================================= training
+@dataclass
+class PreparedData:
+    dataset: Any
+    processor: Any
+    train_pixels: np.ndarray
+    train_labels: np.ndarray
+    val_pixels: np.ndarray
+    val_labels: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns (and writes into report.json)."""
+
+    run_dir: Optional[str]
+    report: Dict[str, Any] = field(default_factory=dict)
+
+
+def _say(echo: Callable[[str], None], is_main: bool) -> Callable[[str], None]:
+    return echo if is_main else (lambda _message: None)
+
+
+def _default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _prepare_run_dir(path: str, force: bool) -> str:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConversionError(path, "exists and is not a directory; choose another --out")
+        if os.listdir(path) and not force:
+            raise ConversionError(path, "already exists and is not empty; pass --force to reuse it or choose "
+                                        "another --out")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _load_dataset(args):
+    from cvt_core.datasets import load_digits_dataset, load_image_folder
+
+    return load_image_folder(args.data) if args.data else load_digits_dataset()
+
+
+def _init_config(directory: str):
+    from cvt_core.config import CvtConfig
+
+    try:
+        return CvtConfig.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConversionError(directory, f"--init: cannot read its config.json ({one_line(str(exc))})") from None
+
+
+def _resolve_config(args, dataset, image_size: int):
+    """The CvtConfig of the model to train, with the dataset's labels."""
+    from cvt_core.config import CvtConfig
+
+    labels = dict(id2label=dataset.id2label, label2id={name: i for i, name in dataset.id2label.items()})
+    if args.init:
+        return _init_config(args.init).copy(image_size=image_size, **labels)
+    if args.config:
+        from .formats import load_config_arg
+
+        base, _ = load_config_arg(args.config)
+        return base.copy(image_size=image_size, **labels)
+    return CvtConfig(**TINY_ARCHITECTURE, image_size=image_size, **labels)
+
+
+def _make_processor(args):
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor
+
+    if args.init and os.path.isfile(os.path.join(args.init, PREPROCESSOR_CONFIG_NAME)):
+        processor = CvtImageProcessor.from_pretrained(args.init)
+        if args.image_size:
+            processor = CvtImageProcessor.from_dict(processor.to_dict(), size=args.image_size)
+        return processor
+    if args.init:
+        if args.image_size:
+            return CvtImageProcessor.for_resolution(args.image_size)
+        return CvtImageProcessor.for_config(_init_config(args.init))
+    # From scratch: keep the whole image (resize the short side, centre-crop the square), ImageNet mean/std.
+    return CvtImageProcessor(size=args.image_size or DEFAULT_IMAGE_SIZE, crop_pct=1.0)
+
+
+def _prepare_data(args, echo) -> PreparedData:
+    from cvt_core.datasets import preprocess, stratified_split
+
+    dataset = _load_dataset(args)
+    processor = _make_processor(args)
+    train_idx, val_idx = stratified_split(dataset.labels, args.val_fraction, args.seed)
+    if len(train_idx) == 0:
+        raise ConversionError(args.data, "no training images left after the validation split")
+    size = processor.size["shortest_edge"]
+    echo(f"data: {dataset.source}: {len(dataset)} images, {dataset.num_classes} classes "
+         f"({', '.join(dataset.class_names[:12])}{', ...' if dataset.num_classes > 12 else ''}); "
+         f"{len(train_idx)} for training, {len(val_idx)} for validation; preprocessed to {size}x{size}")
+    started = time.perf_counter()
+    pixels = preprocess(dataset, processor)
+    if time.perf_counter() - started > 5:
+        echo(f"  preprocessing took {time.perf_counter() - started:.1f} s")
+    return PreparedData(dataset, processor, pixels[train_idx], dataset.labels[train_idx], pixels[val_idx],
+                        dataset.labels[val_idx])
+
+
+def _threads(args, config) -> int:
+    if args.threads is not None:
+        return args.threads
+    # Small models run fastest on one thread per process: their kernels are too short to amortise the
+    # synchronisation of a thread pool (7x slower on a loaded 2-core machine).
+    from cvt_core.weights import count_parameters
+
+    return 1 if count_parameters(config, True) < 5_000_000 else 0
+
+
+def _schedule(args, num_train: int):
+    from cvt_core.datasets import num_batches
+
+    steps_per_epoch = num_batches(num_train, args.batch_size)
+    total = steps_per_epoch * args.epochs
+    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    return steps_per_epoch, total, warmup
+
+
+def _learning_rate(args) -> float:
+    return args.lr if args.lr is not None else (1e-4 if args.init else 2e-3)
+
+
+def _augmentation(args, image_size: int):
+    from cvt_core.datasets import Augmentation
+
+    shift = args.augment_shift if args.augment_shift is not None else max(image_size // 16, 0)
+    return Augmentation(max_shift=shift, horizontal_flip=bool(args.flip))
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm wrapper for batch iterables on an interactive stderr, or None."""
+    from . import progress
+
+    if not enabled or not progress.enabled():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+
+    def wrap(iterable, desc):
+        return tqdm(iterable, desc=desc, leave=False, file=sys.stderr, unit="batch", dynamic_ncols=True)
+
+    return wrap
+
+
+# -------------------------------------------------------------------------------------------------------------- PyTorch
+def _train_torch(args, config, data: PreparedData, run_dir: Optional[str], echo) -> Dict[str, Any]:
+    import torch
+
+    from cvt_torch import training as tt
+
+    context = tt.init_distributed()
+    say = _say(echo, context.is_main)
+    threads_before = torch.get_num_threads()
+    threads = _threads(args, config)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_torch_training(args, config, data, run_dir, context, say)
+    finally:
+        torch.set_num_threads(threads_before)
+        tt.shutdown_distributed()
+
+
+def _run_torch_training(args, config, data: PreparedData, run_dir: Optional[str], context, say) -> Dict[str, Any]:
+    import torch
+
+    from cvt_core.datasets import iterate_batches
+    from cvt_torch import CvtForImageClassification
+    from cvt_torch import training as tt
+
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = CvtForImageClassification.from_pretrained(args.init, config=config, ignore_mismatched_sizes=True)
+    else:
+        model = CvtForImageClassification(config)
+    runner = tt.prepare_model(model, context, sync_batchnorm=args.sync_batchnorm, compile=args.compile)
+    steps_per_epoch, total, warmup = _schedule(args, len(data.train_labels))
+    optimizer = tt.make_optimizer(model, _learning_rate(args), args.weight_decay)
+    scheduler = tt.make_scheduler(optimizer, total, warmup)
+    augmentation = _augmentation(args, data.processor.size["shortest_edge"])
+    autocast = torch.bfloat16 if args.bf16 else None
+    where = (f"DistributedDataParallel over {context.world_size} processes ({context.backend})"
+             + (", synchronised BatchNorm" if args.sync_batchnorm else "")) if context.distributed else "1 process"
+    say(f"training with PyTorch {torch.__version__} on {context.device.type} ({where}, {torch.get_num_threads()} "
+        f"thread(s) each{', bf16 autocast' if autocast else ''}{', torch.compile' if args.compile else ''}): "
+        f"{args.epochs} epochs x {steps_per_epoch} steps, global batch {args.batch_size}")
+
+    def batches(epoch):
+        return iterate_batches(data.train_pixels, data.train_labels, args.batch_size, shuffle=True, seed=args.seed,
+                               epoch=epoch, augmentation=augmentation, rank=context.rank,
+                               world_size=context.world_size)
+
+    started = time.perf_counter()
+    history = tt.train_classifier(runner, optimizer, scheduler, batches, args.epochs, context,
+                                  validation=(data.val_pixels, data.val_labels), autocast_dtype=autocast,
+                                  echo=say, progress=_progress_bar(not args.quiet))
+    train_seconds = time.perf_counter() - started
+    result = {"history": history, "train_seconds": train_seconds, "is_main": context.is_main,
+              "world_size": context.world_size, "threads": torch.get_num_threads()}
+    if context.is_main and run_dir is not None:
+        checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
+        plain = tt.unwrap(runner)
+        plain.save_pretrained(checkpoint)
+        data.processor.save_pretrained(checkpoint)
+        result["checkpoint"] = checkpoint
+        result["val_logits"] = tt.predict_logits(plain, data.val_pixels)  # float32, as saved
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------- Keras
+def _train_keras(args, config, data: PreparedData, run_dir: Optional[str], echo) -> Dict[str, Any]:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from .models import import_keras_models
+
+    keras, _, TFCvtForImageClassification = import_keras_models()
+    import tensorflow as tf
+
+    from cvt_tf import training as kt
+
+    threads = _threads(args, config)
+    if args.strategy == "mirrored" and args.cpu_replicas:
+        devices = kt.split_cpu(args.cpu_replicas)
+    else:
+        devices = None
+    kt.set_threads(threads)
+    strategy = kt.make_strategy(args.strategy, devices)
+    chief = kt.is_chief()
+    say = _say(echo, chief)
+    keras.utils.set_random_seed(args.seed)
+    policy_before = keras.mixed_precision.global_policy()
+    if args.bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    steps_per_epoch, total, warmup = _schedule(args, len(data.train_labels))
+    try:
+        with strategy.scope():
+            if args.init:
+                model = TFCvtForImageClassification.from_pretrained(args.init, config=config,
+                                                                    ignore_mismatched_sizes=True)
+            else:
+                model = TFCvtForImageClassification(config)
+                model.build_with_dummy_input()
+            if args.sync_batchnorm:
+                kt.synchronize_batch_norm(model)
+            model.compile(optimizer=kt.make_optimizer(model, _learning_rate(args), args.weight_decay, total, warmup),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        replicas = strategy.num_replicas_in_sync
+        strategy_name = {"mirrored": "MirroredStrategy", "multi-worker": "MultiWorkerMirroredStrategy"}.get(
+            args.strategy, type(strategy).__name__)
+        where = (f"{strategy_name} over {replicas} replicas"
+                 + (", synchronised BatchNorm" if args.sync_batchnorm else "")) if replicas > 1 else "1 replica"
+        say(f"training with Keras {keras.__version__} / TensorFlow {tf.__version__} ({where}"
+            f"{', mixed_bfloat16' if args.bf16 else ''}): {args.epochs} epochs x {steps_per_epoch} steps, "
+            f"global batch {args.batch_size}")
+        batches = kt.ArrayBatches(data.train_pixels, data.train_labels, args.batch_size, shuffle=True, seed=args.seed,
+                                  augmentation=_augmentation(args, data.processor.size["shortest_edge"]))
+        logger = kt.EpochLogger(args.epochs, echo=say)
+        validation = (data.val_pixels, data.val_labels) if len(data.val_labels) else None
+        started = time.perf_counter()
+        model.fit(batches, epochs=args.epochs, validation_data=validation, validation_batch_size=256,
+                  callbacks=[logger], verbose=0)
+        train_seconds = time.perf_counter() - started
+    finally:
+        keras.mixed_precision.set_global_policy(policy_before)
+    result = {"history": logger.history, "train_seconds": train_seconds, "is_main": chief,
+              "world_size": strategy.num_replicas_in_sync, "threads": threads or None}
+    if chief and run_dir is not None:
+        checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
+        model.save_pretrained(checkpoint)
+        data.processor.save_pretrained(checkpoint)
+        # Evaluate (and save as model.keras) a float32 copy outside the strategy: the numbers are those of the
+        # saved checkpoint, and no other worker has to take part.
+        with tf.distribute.get_strategy().scope():
+            saved = TFCvtForImageClassification.from_pretrained(checkpoint)
+        saved.save(os.path.join(checkpoint, "model.keras"))
+        result["checkpoint"] = checkpoint
+        result["val_logits"] = kt.predict_logits(saved, data.val_pixels)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ other framework
+def _logits_in(framework: str, directory: str, pixels: np.ndarray) -> np.ndarray:
+    """Validation logits of the converted model, loaded from `directory` by the other framework."""
+    if framework == "torch":
+        from cvt_torch import CvtForImageClassification
+        from cvt_torch.training import predict_logits
+
+        return predict_logits(CvtForImageClassification.from_pretrained(directory), pixels)
+    from .keras_native import KERAS_MODEL_NAME, load_keras_model_file
+    from cvt_tf.training import predict_logits
+
+    return predict_logits(load_keras_model_file(os.path.join(directory, KERAS_MODEL_NAME)), pixels)
+
+
+def _convert_and_evaluate(framework: str, checkpoint: str, run_dir: str, data: PreparedData,
+                          reference_logits: np.ndarray, echo) -> Dict[str, Any]:
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME
+
+    from .pipeline import convert
+
+    other = OTHER[framework]
+    destination = os.path.join(run_dir, f"converted-{other}")
+    echo(f"converting to {other} with `cvt convert` ...")
+
+    def indented(text: str) -> None:
+        echo(textwrap.indent(text, "  "))
+
+    started = time.perf_counter()
+    if framework == "keras":  # the Keras-written model is the source, PyTorch weights the target
+        report = convert(os.path.join(checkpoint, "model.keras"), destination, from_format="keras", to="torch",
+                         force=True, echo=indented)
+    else:
+        report = convert(checkpoint, destination, to="keras", force=True, echo=indented)
+    shutil.copy2(os.path.join(checkpoint, PREPROCESSOR_CONFIG_NAME),
+                 os.path.join(destination, PREPROCESSOR_CONFIG_NAME))
+    logits = _logits_in(other, destination, data.val_pixels)
+    agreement = float(np.mean(logits.argmax(1) == reference_logits.argmax(1))) if len(logits) else 1.0
+    return {"framework": other, "directory": destination, "val_logits": logits, "top1_agreement": agreement,
+            "max_abs_logit_difference": float(np.max(np.abs(logits - reference_logits))) if len(logits) else 0.0,
+            "cross_check_worst_difference": report.check.worst if report.check else None,
+            "seconds": time.perf_counter() - started}
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    return float(np.mean(logits.argmax(1) == labels)) if len(labels) else None
+
+
+def _format_accuracy(value: Optional[float]) -> str:
+    return "n/a (no validation images)" if value is None else f"{value:.4f}"
+
+
+def _writes_outputs(framework: str) -> bool:
+    """Whether this process writes the run directory: rank 0 under torchrun, the chief (or worker 0 without a
+    chief) of a Keras multi-worker cluster, and every process that is not part of a distributed run."""
+    if framework == "torch":
+        return int(os.environ.get("RANK", "0")) == 0
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
+    except json.JSONDecodeError:
+        raise ConversionError("TF_CONFIG", "is not valid JSON") from None
+    task = config.get("task") or {}
+    if not config.get("cluster") or not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in config["cluster"]
+
+
+def _check_options(args) -> None:
+    if args.compile and args.framework != "torch":
+        raise ConversionError(None, "--compile applies to --framework torch only")
+    if args.strategy != "default" and args.framework != "keras":
+        raise ConversionError(None, "--strategy applies to --framework keras; run PyTorch distributed with torchrun "
+                                    "(e.g. torchrun --nproc_per_node 2 -m cvt_torch.training ...)")
+    if args.cpu_replicas and args.strategy != "mirrored":
+        raise ConversionError(None, "--cpu-replicas needs --strategy mirrored")
+    if args.init and not os.path.isdir(args.init):
+        raise ConversionError(args.init, "no such checkpoint folder for --init")
+
+
+def train(args, echo: Callable[[str], None] = print) -> TrainResult:
+    """The work of `cvt train` (see the module docstring); returns the run directory and the report (empty on the
+    processes of a distributed run that do not write)."""
+    from cvt_core.history import plot_history
+    from cvt_core.weights import count_parameters
+
+    started = time.perf_counter()
+    _check_options(args)
+    writes = _writes_outputs(args.framework)
+    say = _say(echo, writes)
+    run_dir = _prepare_run_dir(args.out or _default_run_dir(), args.force) if writes else None
+    data = _prepare_data(args, say)
+    image_size = data.processor.size["shortest_edge"]
+    config = _resolve_config(args, data.dataset, image_size)
+    origin = f"fine-tuned from {args.init}" if args.init else (f"{args.config} from scratch" if args.config
+                                                                 else "small CvT from scratch")
+    say(f"model: {origin}: embed_dim {config.embed_dim}, depth {config.depth}, heads {config.num_heads}, "
+        f"{count_parameters(config, True):,} parameters, {config.num_labels} classes")
+    trainer = _train_torch if args.framework == "torch" else _train_keras
+    result = trainer(args, config, data, run_dir, echo)
+    if not result["is_main"] or run_dir is None:
+        return TrainResult(None, {})
+
+    framework = args.framework
+    reference_logits = result["val_logits"]
+    accuracy = {framework: _accuracy(reference_logits, data.val_labels)}
+    conversion = None
+    if not args.no_convert:
+        conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
+        accuracy[conversion["framework"]] = _accuracy(conversion["val_logits"], data.val_labels)
+
+    plot_path: Optional[str] = os.path.join(run_dir, PLOT_NAME)
+    try:
+        plot_history(result["history"], plot_path,
+                     title=f"CvT on {data.dataset.source} ({framework}, {len(data.train_labels)} training images)")
+    except ImportError:
+        say("note: matplotlib is not installed, so no training-curve plot was drawn (pip install matplotlib)")
+        plot_path = None
+
+    report: Dict[str, Any] = {
+        "framework": framework,
+        "dataset": {"source": data.dataset.source, "classes": data.dataset.class_names,
+                    "images": len(data.dataset), "train_images": int(len(data.train_labels)),
+                    "val_images": int(len(data.val_labels)), "class_counts": data.dataset.class_counts()},
+        "preprocessing": data.processor.to_dict(),
+        "model": {"origin": origin, "parameters": count_parameters(config, True), "config": config.to_dict()},
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": _learning_rate(args),
+                     "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
+                     "augmentation": vars(_augmentation(args, image_size)), "bf16": args.bf16,
+                     "compile": args.compile, "sync_batchnorm": args.sync_batchnorm, "strategy": args.strategy,
+                     "processes_or_replicas": result["world_size"], "threads": result["threads"]},
+        "history": result["history"],
+        "validation_accuracy": accuracy,
+        "top1_agreement": conversion["top1_agreement"] if conversion else None,
+        "max_abs_logit_difference": conversion["max_abs_logit_difference"] if conversion else None,
+        "files": {"checkpoint": result["checkpoint"], "converted": conversion["directory"] if conversion else None,
+                  "plot": plot_path, "report": os.path.join(run_dir, REPORT_NAME)},
+        "seconds": {"training": result["train_seconds"],
+                    "conversion_and_evaluation": conversion["seconds"] if conversion else None,
+                    "total": None},
+    }
+    report["seconds"]["total"] = time.perf_counter() - started
+    with open(os.path.join(run_dir, REPORT_NAME), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+    written = [f"{CHECKPOINT_DIR}/"] + ([os.path.basename(conversion["directory"]) + "/"] if conversion else []) + \
+        ([PLOT_NAME] if plot_path else []) + [REPORT_NAME]
+    say(f"wrote {run_dir}: {', '.join(written)} ({report['seconds']['total']:.0f} s in all, "
+        f"{result['train_seconds']:.0f} s training)")
+    figures = ", ".join(f"{name} {_format_accuracy(accuracy[name])}" for name in FRAMEWORKS if name in accuracy)
+    line = f"validation accuracy: {figures}"
+    if conversion:
+        line += (f"; top-1 agreement {100 * conversion['top1_agreement']:.2f}% ({len(data.val_labels)} validation "
+                 f"images, largest logit difference {conversion['max_abs_logit_difference']:.1e})")
+    say(line)
+    return TrainResult(run_dir, report)
+
+
+# =========================================================================================================== prediction
+def _load_for_prediction(directory: str, framework: Optional[str]):
+    """(framework, model, config) for `cvt predict`."""
+    from cvt_core.checkpoint import CONFIG_NAME
+
+    from .formats import TORCH_WEIGHT_NAMES, formats_in_directory, read_config_file, read_target
+
+    if not os.path.isdir(directory):
+        raise ConversionError(directory, "no such checkpoint folder")
+    config = read_config_file(os.path.join(directory, CONFIG_NAME))
+    has_torch_weights = any(os.path.isfile(os.path.join(directory, n)) for n in TORCH_WEIGHT_NAMES)
+    if framework is None:
+        framework = "torch" if has_torch_weights and _importable("torch") else "keras"
+    if framework == "torch":
+        if not has_torch_weights:
+            raise ConversionError(directory, "holds no PyTorch weights (model.safetensors / pytorch_model.bin); use "
+                                             "--framework keras or convert it with `cvt convert DIR OUT --to torch`")
+        from cvt_torch import CvtForImageClassification
+
+        return "torch", CvtForImageClassification.from_pretrained(directory), config
+    from .models import import_keras_models
+
+    _, _, TFCvtForImageClassification = import_keras_models()
+    if has_torch_weights:
+        return "keras", TFCvtForImageClassification.from_pretrained(directory), config
+    found = formats_in_directory(directory)
+    if not found:
+        raise ConversionError(directory, "holds no weights (model.safetensors, pytorch_model.bin, tf_model.h5, "
+                                         "model.weights.h5, model.keras)")
+    label, path = found[-1] if found[-1][1].endswith(".keras") else found[0]
+    return "keras", read_target(label, path, config, True)[1], config
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def predict(args, echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """The work of `cvt predict`: for each image, its top-k (label, probability); printed and returned."""
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor, ImageLoadError
+
+    directory = args.model
+    framework, model, config = _load_for_prediction(directory, args.framework)
+    if os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG_NAME)):
+        processor = CvtImageProcessor.from_pretrained(directory)
+    else:
+        processor = CvtImageProcessor.for_config(config)
+        echo(f"note: {directory} has no {PREPROCESSOR_CONFIG_NAME}; using the released checkpoints' preprocessing "
+             f"at {processor.size['shortest_edge']}")
+    try:
+        pixels = processor(list(args.images))["pixel_values"]
+    except FileNotFoundError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
+    except ImageLoadError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
+    if framework == "torch":
+        from cvt_torch.training import predict_logits as torch_logits
+
+        logits = torch_logits(model, pixels)
+    else:
+        from cvt_tf.training import predict_logits as keras_logits
+
+        logits = keras_logits(model, pixels)
+    probabilities = _softmax(logits)
+    k = min(args.top_k, probabilities.shape[1])
+    results = []
+    width = max(len(config.id2label.get(i, str(i))) for i in range(probabilities.shape[1]))
+    echo(f"{directory} ({framework}, {config.num_labels} classes)")
+    for path, row in zip(args.images, probabilities):
+        top = np.argsort(-row, kind="stable")[:k]
+        entries = [{"label": config.id2label.get(int(i), str(int(i))), "index": int(i), "probability": float(row[i])}
+                   for i in top]
+        results.append({"image": path, "top_k": entries})
+        echo(path)
+        for rank, entry in enumerate(entries, 1):
+            echo(f"  {rank}. {entry['label']:<{width}}  {entry['probability']:.4f}")
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

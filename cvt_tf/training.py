@@ -1,0 +1,202 @@
+"""Training `TFCvtForImageClassification` with Keras: `compile`/`fit` helpers and `tf.distribute` strategies.
+
+The model itself needs nothing from here: `model.compile(optimizer, loss=..., metrics=[...])` and `model.fit(x, y)`
+work as for any Keras model (see `cvt_tf.modeling_cvt`). This module adds what the `cvt train` command and most
+fine-tuning scripts want around it:
+
+- `make_strategy`: the default strategy, `MirroredStrategy` (all local devices, or N logical CPU devices made
+  with `split_cpu`) or `MultiWorkerMirroredStrategy` (workers described by `TF_CONFIG`);
+- `synchronize_batch_norm`: BatchNorm statistics over the global batch of a strategy (the Keras twin of
+  `torch.nn.SyncBatchNorm`); without it each replica normalises with its own share of the batch;
+- `warmup_cosine_schedule` and `make_optimizer`: AdamW with linear warm-up then cosine decay, no weight decay
+  on biases and norm scales, the same schedule as `cvt_torch.training`;
+- `ArrayBatches`: NumPy arrays as a `keras.utils.PyDataset`, reshuffled and augmented each epoch exactly as
+  `cvt_core.datasets.iterate_batches` does for the PyTorch loop;
+- `EpochLogger`: one progress line per epoch and a history with wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from cvt_core.datasets import Augmentation, epoch_order, num_batches  # noqa: E402
+from cvt_core.history import format_epoch  # noqa: E402
+
+from .layers import TorchBatchNormalization  # noqa: E402
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+
+
+# -------------------------------------------------------------------------------------------------- devices, strategies
+def split_cpu(count: int) -> List[str]:
+    """Split the CPU into `count` logical devices (for MirroredStrategy on one machine, e.g. in tests) and return
+    their names. Must run before TensorFlow initialises its devices, i.e. before the first op or device query."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as exc:
+        current = tf.config.list_logical_devices("CPU")
+        if len(current) != count:
+            raise RuntimeError(f"cannot split the CPU into {count} devices: TensorFlow is already initialised with "
+                               f"{len(current)}; split it first thing in the process") from exc
+    return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Limit TensorFlow's op thread pools (before TensorFlow initialises; ignored afterwards)."""
+    if not threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+
+
+def make_strategy(kind: str = "default", devices: Optional[List[str]] = None) -> tf.distribute.Strategy:
+    """`default` (no distribution), `mirrored` (one replica per device: `devices`, else every GPU, else the CPU
+    devices) or `multi-worker` (`MultiWorkerMirroredStrategy`, one process per worker, configured by the
+    `TF_CONFIG` environment variable)."""
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        if devices is None:
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    if kind == "multi-worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("the multi-worker strategy reads the cluster from the TF_CONFIG environment variable, "
+                             "which is not set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {kind!r}; choose one of {list(STRATEGIES)}")
+
+
+def is_chief() -> bool:
+    """Whether this process writes the outputs: always, except the non-chief workers of a multi-worker cluster."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task") or {}
+    if not config.get("cluster") or not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in config["cluster"]
+
+
+def synchronize_batch_norm(model: keras.Model, enabled: bool = True) -> int:
+    """Make every `TorchBatchNormalization` of `model` compute its batch statistics over the global batch of the
+    strategy it runs under (or stop it); returns how many layers were changed. Call it before `fit` traces the
+    training step (i.e. before the first `fit`, or recompile afterwards)."""
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, TorchBatchNormalization)]
+    for layer in layers:
+        layer.synchronized = bool(enabled)
+    return len(layers)
+
+
+# --------------------------------------------------------------------------------------------------------- optimisation
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to `final_fraction * peak` at
+    `total_steps` (flat afterwards). Step s (0-based) uses the rate of `cvt_torch.training.warmup_cosine_factor`."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0):
+        self.peak, self.total_steps = float(peak), int(total_steps)
+        self.warmup_steps, self.final_fraction = int(warmup_steps), float(final_fraction)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(self.warmup_steps, tf.float32)
+        decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
+        warming = (step + 1.0) / tf.maximum(warmup, 1.0)
+        progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
+        cosine = self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + tf.cos(np.pi * progress))
+        return self.peak * tf.where(step < warmup, warming, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "final_fraction": self.final_fraction}
+
+
+def make_optimizer(model: keras.Model, learning_rate: float, weight_decay: float, total_steps: int,
+                   warmup_steps: int = 0) -> keras.optimizers.Optimizer:
+    """AdamW on the warm-up + cosine schedule; biases, norm scales/offsets (every 1-D variable) are not decayed.
+    The model must be built."""
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=WarmupCosineSchedule(learning_rate, total_steps, warmup_steps), weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    return optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------- data
+class ArrayBatches(keras.utils.PyDataset):
+    """(pixels, labels) NumPy arrays served in global batches, reshuffled every epoch from (seed, epoch) and
+    augmented as `cvt_core.datasets.iterate_batches` does; pass it to `fit` without `batch_size`."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 augmentation: Optional[Augmentation] = None, drop_remainder: bool = False):
+        super().__init__()
+        self.pixels, self.labels = pixels, np.asarray(labels, np.int64)
+        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.augmentation, self.drop_remainder = augmentation, bool(drop_remainder)
+        self.epoch = 0
+        self._order = epoch_order(len(pixels), self.shuffle, self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.pixels), self.batch_size, self.drop_remainder)
+
+    def __getitem__(self, index: int):
+        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = self.pixels[rows]
+        if self.augmentation is not None and self.augmentation.enabled:
+            batch = self.augmentation(batch, np.random.default_rng([self.seed, self.epoch, index, 1]))
+        return np.ascontiguousarray(batch, np.float32), self.labels[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._order = epoch_order(len(self.pixels), self.shuffle, self.seed, self.epoch)
+
+
+# ------------------------------------------------------------------------------------------------------------- progress
+class EpochLogger(keras.callbacks.Callback):
+    """Prints `epoch i/n  loss .. acc .. val_loss .. val_acc ..  (t s)` after each epoch through `echo` (nothing
+    when `echo` is None) and keeps `history`: one dict per epoch with the metrics, the learning rate and the
+    elapsed seconds."""
+
+    def __init__(self, epochs: int, echo: Optional[Callable[[str], None]] = print):
+        super().__init__()
+        self.epochs, self.echo = epochs, echo
+        self.history: List[Dict[str, float]] = []
+        self._start = None
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - self._start}
+        for source, target in (("loss", "train_loss"), ("accuracy", "train_accuracy"), ("val_loss", "val_loss"),
+                               ("val_accuracy", "val_accuracy")):
+            if source in logs:
+                record[target] = float(logs[source])
+        schedule = self.model.optimizer.learning_rate if self.model.optimizer is not None else None
+        if schedule is not None:
+            record["learning_rate"] = float(np.asarray(schedule))
+        self.history.append(record)
+        if self.echo is not None:
+            self.echo(format_epoch(record, self.epochs))
+
+
+def predict_logits(model: keras.Model, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """float32 logits of `model` on NumPy pixels, in inference mode."""
+    return np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0), np.float32)
+
