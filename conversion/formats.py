@@ -16,7 +16,6 @@ Targets (`--to`), each written into the destination folder beside one config.jso
 from __future__ import annotations
 
 import copy
-import json
 import os
 import struct
 import zipfile
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cvt_core.checkpoint import write_safetensors_streaming as write_safetensors_streaming_to
 from cvt_core.checkpoint import (
     CONFIG_NAME,
     PYTORCH_BIN_INDEX_NAME,
@@ -162,29 +162,12 @@ def _is_safetensors(path: str) -> bool:
 
 
 def write_safetensors_streaming(path: str, state: CanonicalState) -> str:
-    """model.safetensors from the state, one tensor in memory at a time (same bytes as cvt_core's writer)."""
-    from cvt_core.checkpoint import _safetensors_code  # the one dtype table of the safetensors format
-
+    """model.safetensors from the state, one tensor in memory at a time."""
     entries = state.entries()
-    header: Dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry in entries:
-        dtype = state.stored_dtype(entry)
-        nbytes = int(np.prod(entry.shape, dtype=np.int64)) * dtype.itemsize
-        header[state.name(entry)] = {"dtype": _safetensors_code(dtype), "shape": list(entry.shape),
-                                     "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for entry in progress(entries, desc=f"writing {SAFETENSORS_NAME}", total=len(entries)):
-            value = np.asarray(state.array(entry), order="C")
-            expected = header[state.name(entry)]
-            if value.nbytes != expected["data_offsets"][1] - expected["data_offsets"][0]:
-                raise RuntimeError(f"{state.name(entry)}: size changed while writing")
-            f.write(value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes())
+    by_name = {state.name(entry): entry for entry in entries}
+    layout = [(name, entry.shape, state.stored_dtype(entry)) for name, entry in by_name.items()]
+    write_safetensors_streaming_to(path, layout, lambda name: state.array(by_name[name]),
+                              iterate=lambda items: progress(items, desc=f"writing {SAFETENSORS_NAME}", total=len(items)))
     return path
 
 

@@ -13,7 +13,7 @@ import pickle
 import struct
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,7 +55,8 @@ def _safetensors_dtype(code: str, path: str) -> np.dtype:
     return _SAFETENSORS_DTYPES[code]
 
 
-def _safetensors_code(dtype: np.dtype) -> str:
+def safetensors_dtype_code(dtype: np.dtype) -> str:
+    """The safetensors name of a NumPy dtype (`F32`, `BF16`, ...)."""
     if dtype.name == "bfloat16":
         return "BF16"
     for code, known in _SAFETENSORS_DTYPES.items():
@@ -106,25 +107,43 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write `tensors` to `path` atomically (a temporary file in the same folder, then a rename)."""
+    arrays = {name: np.asarray(array) for name, array in tensors.items()}
+    write_safetensors_streaming(path, [(name, a.shape, a.dtype) for name, a in arrays.items()], arrays.__getitem__, metadata)
+
+
+def write_safetensors_streaming(path: str, layout: Sequence[Tuple[str, Sequence[int], np.dtype]],
+                                fetch: Callable[[str], np.ndarray], metadata: Optional[Dict[str, str]] = None,
+                                iterate: Callable[[Iterable], Iterable] = iter) -> None:
+    """Write tensors named in `layout` (name, shape, dtype), asking `fetch(name)` for one at a time, so a
+    conversion never holds more than one tensor in memory. Atomic: a temporary file beside `path`, then a rename;
+    the file gets the usual permissions (umask applied). `iterate` may wrap the loop, e.g. in a progress bar."""
     metadata = {"format": "pt", **(metadata or {})}
     header: Dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    arrays = []
-    for name, array in tensors.items():
-        array = np.asarray(array)
-        nbytes = array.size * array.dtype.itemsize
-        header[name] = {"dtype": _safetensors_code(array.dtype), "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
-        arrays.append(array)
+    for name, shape, dtype in layout:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": safetensors_dtype_code(dtype), "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint should be readable like any file
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
-            for array in arrays:
+            for name, shape, dtype in iterate(layout):
+                array = np.asarray(fetch(name))
+                begin, end = header[name]["data_offsets"]
+                if tuple(array.shape) != tuple(int(d) for d in shape) or array.nbytes != end - begin or \
+                        array.dtype != np.dtype(dtype):
+                    raise CheckpointError(f"{path}: tensor {name!r} is {array.dtype}{tuple(array.shape)}, "
+                                          f"expected {np.dtype(dtype)}{tuple(shape)}")
                 f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
         os.replace(tmp, path)
     except BaseException:

@@ -225,3 +225,24 @@ def test_model_output_behaves_like_transformers_model_output():
     assert rebuilt == out and rebuilt.logits == 1
     with pytest.raises(TypeError, match="no field 'pooled'"):
         CvtImageClassifierOutput(pooled=1)
+
+
+def test_written_checkpoint_has_ordinary_permissions_and_streams_one_tensor_at_a_time(tmp_path):
+    from cvt_core.checkpoint import write_safetensors_streaming
+
+    fetched = []
+
+    def fetch(name):
+        fetched.append(name)
+        return np.full((2, 2), len(fetched), np.float32)
+
+    path = tmp_path / "model.safetensors"
+    write_safetensors_streaming(str(path), [("a", (2, 2), np.float32), ("b", (2, 2), np.float32)], fetch)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert fetched == ["a", "b"]
+    assert float(read_safetensors(str(path))["b"][0, 0]) == 2.0
+    with pytest.raises(CheckpointError, match="tensor 'a' is float64"):
+        write_safetensors_streaming(str(path), [("a", (2, 2), np.float32)], lambda name: np.zeros((2, 2)))
+    assert float(read_safetensors(str(path))["b"][0, 0]) == 2.0  # the failed write left the old file intact
