@@ -23,6 +23,7 @@ from cvt_core.checkpoint import CheckpointError
 from cvt_core.weights import WeightLoadError
 
 from . import progress
+from .arguments import positive_float
 from .errors import ConversionError, CrossCheckFailed, describe, one_line
 
 PROG = "cvt"
@@ -39,16 +40,6 @@ class _Parser(argparse.ArgumentParser):
         return (parts[1] + " ") if len(parts) > 1 else ""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="CvT checkpoints between transformers PyTorch, transformers TF, Keras 3 "
                                             "and the original microsoft/CvT format, with a cross-check that both "
@@ -58,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     check = argparse.ArgumentParser(add_help=False)
-    check.add_argument("--atol", type=_positive_float, default=None,
+    check.add_argument("--atol", type=positive_float, default=None,
                        help="tolerance: each output passes when max|diff| <= ATOL * max(1, max|reference|); default "
                             "1e-5 (float32), 1e-2 (--dtype float16), 5e-2 (--dtype bfloat16)")
     check.add_argument("--image", metavar="PATH", default=None,
@@ -100,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preset name or config.json (default cvt-13)")
     demo.add_argument("--out", default=None, metavar="DIR", help="keep the converted checkpoint in DIR")
     demo.add_argument("--force", action="store_true", help="replace an existing --out DIR")
-    demo.add_argument("--atol", type=_positive_float, default=None, help="tolerance (default 1e-5)")
+    demo.add_argument("--atol", type=positive_float, default=None, help="tolerance (default 1e-5)")
 
     extra = _extra_commands()
     if extra is not None:  # `cvt train` / `cvt predict` (conversion.train_command), each with args.handler

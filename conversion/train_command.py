@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .arguments import positive_float
 from .errors import ConversionError, one_line
 
 # The architecture `cvt train` builds when neither --init nor --config is given: CvT-13's three-stage layout with
@@ -72,16 +73,6 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -123,7 +114,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--epochs", type=_positive_int, default=15, help="passes over the training set (default 15)")
     train.add_argument("--batch-size", type=_positive_int, default=64,
                        help="global batch size, shared by all processes / replicas (default 64)")
-    train.add_argument("--lr", type=_positive_float, default=None,
+    train.add_argument("--lr", type=positive_float, default=None,
                        help="peak learning rate of AdamW (default 2e-3 from scratch, 1e-4 with --init)")
     train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     train.add_argument("--warmup-epochs", type=float, default=1.0,
@@ -585,16 +576,12 @@ def _writes_outputs(framework: str) -> bool:
     chief) of a Keras multi-worker cluster, and every process that is not part of a distributed run."""
     if framework == "torch":
         return int(os.environ.get("RANK", "0")) == 0
+    from cvt_tf.training import is_chief
+
     try:
-        config = json.loads(os.environ.get("TF_CONFIG", "") or "{}")
-    except json.JSONDecodeError:
-        raise ConversionError("TF_CONFIG", "is not valid JSON") from None
-    task = config.get("task") or {}
-    if not config.get("cluster") or not task:
-        return True
-    if task.get("type") == "chief":
-        return True
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in config["cluster"]
+        return is_chief()
+    except ValueError as exc:
+        raise ConversionError("TF_CONFIG", str(exc)) from None
 
 
 def _check_options(args) -> None:

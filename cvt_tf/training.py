@@ -83,7 +83,10 @@ def make_strategy(kind: str = "default", devices: Optional[List[str]] = None) ->
 
 def is_chief() -> bool:
     """Whether this process writes the outputs: always, except the non-chief workers of a multi-worker cluster."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    except json.JSONDecodeError:
+        raise ValueError("TF_CONFIG is not valid JSON") from None
     task = config.get("task") or {}
     if not config.get("cluster") or not task:
         return True
