@@ -13,6 +13,20 @@ Keras training: `compile(optimizer, loss=..., metrics=...)` then `fit(images, la
 to the logits; `compile(optimizer)` without a loss trains on the model's own loss (transformers' rule), from labels
 given as `y` or inside the input dict `{"pixel_values": ..., "labels": ...}`. `predict` returns the logits (float32);
 calling the model returns the whole output container.
+
+Speed (CPU). The default path is the fast one; nothing needs switching on:
+- every Dense runs as one 2-D MatMul + BiasAdd (+ exact GELU in the MLP), which TensorFlow fuses into a single oneDNN
+  kernel; LayerNorm takes fewer element-wise passes; the attention scale is folded into the query projection;
+- in inference the `dw_bn` BatchNorm is folded into the depthwise kernel plus a bias, computed inside the graph
+  from the current variables on every call, so assigning weights, `set_weights` or training never leaves it stale.
+  Training (`training=True`, BatchNorm trainable) normalises with the batch statistics and updates the moving ones;
+- calling the model eagerly in inference (`model(x)`) runs the encoder as one traced `tf.function` (one trace per
+  input dtype, any batch and image size), so it costs about what a graph call costs.
+The fastest calls for a batch are `model.predict_on_batch(x)` (logits, float32) and `model(x)`; `predict` for
+datasets. `keras.mixed_precision.set_global_policy("mixed_bfloat16")` before building the model runs the matmuls and
+convolutions in bfloat16 (much faster on CPUs with AVX512-BF16/AMX), with float32 weights, statistics and logits.
+XLA (`jit_compile=True`) is slower than TensorFlow's oneDNN kernels on CPU (about 3x for this model) and is left
+off there, as Keras' `jit_compile="auto"` does.
 """
 
 from __future__ import annotations
@@ -59,6 +73,48 @@ def _shape_list(tensor) -> List[Any]:
     static = tensor.shape.as_list()
     dynamic = tf.shape(tensor)
     return [dynamic[i] if size is None else size for i, size in enumerate(static)]
+
+
+def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = None, scale: Optional[float] = None):
+    """`dense(tokens)` computed as one 2-D MatMul + BiasAdd (+ exact GELU) from the layer's own variables.
+
+    TensorFlow's graph optimiser fuses that pattern into a single oneDNN kernel (`_FusedMatMul`), which Keras'
+    `Dense` (a tensordot followed by an add) never gets. `scale` multiplies the output, folded into the kernel and
+    bias in-graph (a (C_in, C_out) product instead of one over every token). The variables stay the only weights.
+    """
+    kernel = ops.cast(dense.kernel, tokens.dtype)
+    bias = ops.cast(dense.bias, tokens.dtype) if dense.use_bias else None
+    if scale is not None:
+        kernel = kernel * scale
+        bias = None if bias is None else bias * scale
+    shape = _shape_list(tokens)
+    outputs = tf.matmul(tf.reshape(tokens, (-1, shape[-1])), kernel)
+    if bias is not None:
+        outputs = tf.nn.bias_add(outputs, bias)
+    if activation == "gelu":
+        outputs = tf.nn.gelu(outputs, approximate=False)
+    elif activation == "quick_gelu":
+        outputs = outputs * tf.sigmoid(1.702 * outputs)
+    elif activation is not None:
+        raise ValueError(f"hidden_act={activation!r} is unknown")
+    return tf.reshape(outputs, shape[:-1] + [kernel.shape[-1]])
+
+
+def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
+    """`norm(tokens)` (LayerNorm over the last axis) in fewer element-wise passes than Keras' implementation:
+    float32 statistics, then one multiply-add with the scale and shift folded per row. Same variables."""
+    dtype = tokens.dtype
+    values = tokens if dtype == tf.float32 else tf.cast(tokens, tf.float32)
+    mean = tf.reduce_mean(values, axis=-1, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(values, mean), axis=-1, keepdims=True)
+    inverse = tf.math.rsqrt(variance + norm.epsilon)
+    if norm.scale:
+        inverse = inverse * ops.cast(norm.gamma, tf.float32)
+    shift = -mean * inverse
+    if norm.center:
+        shift = shift + ops.cast(norm.beta, tf.float32)
+    outputs = values * inverse + shift
+    return outputs if dtype == tf.float32 else tf.cast(outputs, dtype)
 
 
 def _activation(name: str):
@@ -169,7 +225,7 @@ class TFCvtConvEmbeddings(keras.layers.Layer):
         self.normalization.build((None, None, None, self.embed_dim))
 
     def call(self, pixel_values):
-        return self.normalization(self.projection(self.padding(pixel_values)))
+        return _apply_layer_norm(self.normalization, self.projection(self.padding(pixel_values)))
 
 
 class TFCvtEmbeddings(keras.layers.Layer):
@@ -210,7 +266,32 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
         self.normalization.build((None, None, None, self.embed_dim))
 
     def call(self, hidden_state, training=False):
-        return self.normalization(self.convolution(self.padding(hidden_state)), training=training)
+        normalization = self.normalization
+        if training and normalization.trainable:  # batch statistics, moving averages updated
+            return normalization(self.convolution(self.padding(hidden_state)), training=training)
+        return self.folded_call(hidden_state)
+
+    def folded_call(self, hidden_state):
+        """Inference: the BatchNorm folded into the depthwise kernel and a bias, computed in-graph from the current
+        variables on every call (never stale)."""
+        normalization, convolution = self.normalization, self.convolution
+        dtype = hidden_state.dtype
+        variance = ops.cast(normalization.moving_variance, "float32")
+        mean = ops.cast(normalization.moving_mean, "float32")
+        scale = tf.math.rsqrt(variance + normalization.epsilon)
+        if normalization.scale:
+            scale = scale * ops.cast(normalization.gamma, "float32")
+        shift = -mean * scale
+        if normalization.center:
+            shift = shift + ops.cast(normalization.beta, "float32")
+        kh, kw = convolution.kernel_size
+        kernel = tf.reshape(ops.cast(convolution.kernel, "float32") * scale, (kh, kw, self.embed_dim, 1))
+        stride_h, stride_w = convolution.strides
+        # (explicit padding inside the convolution crashes grappler's shape inference: pad first)
+        outputs = tf.nn.depthwise_conv2d(
+            self.padding(hidden_state), ops.cast(kernel, dtype), strides=(1, stride_h, stride_w, 1),
+            padding="VALID", dilations=convolution.dilation_rate)
+        return tf.nn.bias_add(outputs, ops.cast(shift, dtype))
 
 
 class TFCvtSelfAttentionLinearProjection(keras.layers.Layer):
@@ -304,10 +385,17 @@ class TFCvtSelfAttention(keras.layers.Layer):
             query = tf.concat([cls_token, query], axis=1)
             key = tf.concat([cls_token, key], axis=1)
             value = tf.concat([cls_token, value], axis=1)
-        query = self._split_heads(self.projection_query(query))
-        key = self._split_heads(self.projection_key(key))
-        value = self._split_heads(self.projection_value(value))
-        scores = tf.matmul(query, key, transpose_b=True) * self.scale
+        # the score scale is folded into the query projection's kernel and bias
+        query = _apply_dense(self.projection_query, query, scale=self.scale)
+        key = _apply_dense(self.projection_key, key)
+        value = _apply_dense(self.projection_value, value)
+        if self.num_heads == 1:  # no head axis to move
+            scores = tf.matmul(query, key, transpose_b=True)
+            attention_probs = tf.nn.softmax(scores, axis=-1)
+            context = tf.matmul(self.dropout(attention_probs, training=training), value)
+            return context, attention_probs[:, None]
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+        scores = tf.matmul(query, key, transpose_b=True)
         attention_probs = tf.nn.softmax(scores, axis=-1)
         context = tf.matmul(self.dropout(attention_probs, training=training), value)
         context = tf.transpose(context, (0, 2, 1, 3))
@@ -328,7 +416,7 @@ class TFCvtSelfOutput(keras.layers.Layer):
         self.dense.build((None, None, self.embed_dim))
 
     def call(self, hidden_state, training=False):
-        return self.dropout(self.dense(hidden_state), training=training)
+        return self.dropout(_apply_dense(self.dense, hidden_state), training=training)
 
 
 class TFCvtAttention(keras.layers.Layer):
@@ -355,14 +443,15 @@ class TFCvtIntermediate(keras.layers.Layer):
         super().__init__(**kwargs)
         self.embed_dim = config.embed_dim[stage]
         self.dense = _dense(config, config.mlp_hidden_dim(stage), "dense")
-        self.activation = _activation(config.hidden_act)
+        self.activation = _activation(config.hidden_act)  # checks the name
+        self.hidden_act = config.hidden_act
         self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
 
     def build(self, input_shape=None):
         self.dense.build((None, None, self.embed_dim))
 
     def call(self, hidden_state, training=False):
-        return self.dropout(self.activation(self.dense(hidden_state)), training=training)
+        return self.dropout(_apply_dense(self.dense, hidden_state, activation=self.hidden_act), training=training)
 
 
 class TFCvtOutput(keras.layers.Layer):
@@ -378,7 +467,7 @@ class TFCvtOutput(keras.layers.Layer):
         self.dense.build((None, None, self.hidden_dim))
 
     def call(self, hidden_state, training=False):
-        return self.dropout(self.dense(hidden_state), training=training)
+        return self.dropout(_apply_dense(self.dense, hidden_state), training=training)
 
 
 class TFCvtLayer(keras.layers.Layer):
@@ -404,10 +493,10 @@ class TFCvtLayer(keras.layers.Layer):
 
     def call(self, hidden_state, height, width, training=False):
         attention_output, attention_probs = self.attention(
-            self.layernorm_before(hidden_state), height=height, width=width, training=training)
+            _apply_layer_norm(self.layernorm_before, hidden_state), height=height, width=width, training=training)
         hidden_state = hidden_state + self.drop_path(attention_output, training=training)
-        mlp_output = self.dense_output(
-            self.intermediate(self.layernorm_after(hidden_state), training=training), training=training)
+        mlp_hidden = self.intermediate(_apply_layer_norm(self.layernorm_after, hidden_state), training=training)
+        mlp_output = self.dense_output(mlp_hidden, training=training)
         hidden_state = hidden_state + self.drop_path(mlp_output, training=training)
         return hidden_state, attention_probs
 
@@ -481,6 +570,24 @@ class TFCvtMainLayer(keras.layers.Layer):
     def build(self, input_shape=None):
         self.encoder.build(None)
 
+    def _graph_encoder(self, hidden_state):
+        """Eager inference runs the encoder as one traced graph: calling the model eagerly then costs what a graph
+        call costs, not a Python dispatch per operation. One trace per input dtype, with batch, height and width
+        left unknown, so the same graph (and the same numbers) serves every size and every model instance. The
+        graph reads the variables when it runs, so it always sees the current weights."""
+        functions = self.__dict__.get("_encoder_functions")
+        if functions is None:
+            functions = {}
+            object.__setattr__(self, "_encoder_functions", functions)  # a plain attribute, not tracked by Keras
+        dtype = tf.as_dtype(hidden_state.dtype)
+        function = functions.get(dtype)
+        if function is None:
+            encoder = self.encoder
+            signature = [tf.TensorSpec((None, None, None, self.config.num_channels), dtype)]
+            function = tf.function(lambda x: encoder(x, training=False), input_signature=signature)
+            functions[dtype] = function
+        return function(hidden_state)
+
     def _to_output_layout(self, grid):
         return tf.transpose(grid, (0, 3, 1, 2)) if self.data_format == "channels_first" else grid
 
@@ -489,7 +596,10 @@ class TFCvtMainLayer(keras.layers.Layer):
         hidden_state = pixel_values
         if self.data_format == "channels_first":
             hidden_state = tf.transpose(hidden_state, (0, 2, 3, 1))
-        last, cls_token, hidden_states, attentions = self.encoder(hidden_state, training=training)
+        if training or not tf.executing_eagerly() or tf.distribute.has_strategy() or not self.built:
+            last, cls_token, hidden_states, attentions = self.encoder(hidden_state, training=training)
+        else:
+            last, cls_token, hidden_states, attentions = self._graph_encoder(tf.convert_to_tensor(hidden_state))
         return CvtModelOutput(
             last_hidden_state=self._to_output_layout(last),
             cls_token_value=cls_token,
@@ -729,7 +839,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
                 grid = tf.transpose(grid, (0, 2, 3, 1))
             batch, height, width, channels = _shape_list(grid)
             tokens = tf.reshape(grid, (batch, height * width, channels))
-        pooled = tf.reduce_mean(self.layernorm(tokens), axis=1)
+        pooled = tf.reduce_mean(_apply_layer_norm(self.layernorm, tokens), axis=1)
         logits = self.classifier(pooled)
         loss = None if labels is None else self.compute_classification_loss(labels, logits)
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
