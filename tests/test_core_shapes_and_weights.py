@@ -17,7 +17,9 @@ REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "ref
 
 
 def _reference_rows(name: str, section_end: str = "# Section 2"):
-    text = (REFERENCE / name).read_text().split(section_end)[0]
+    path = REFERENCE / name
+    assert path.exists(), f"{path} is missing: the tests expect the project's shared/ folder beside the checkout"
+    text = path.read_text().split(section_end)[0]
     return [line.split("\t") for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
