@@ -307,6 +307,25 @@ def load_pretrained_state(directory: str) -> Dict[str, np.ndarray]:
     return read_weights_file(find_weights_file(directory))
 
 
+def read_pretrained(directory: str, with_head: bool, config=None, strict: bool = True,
+                    ignore_mismatched_sizes: bool = False, **config_overrides: Any):
+    """What both models' `from_pretrained` start from: the config (read from the folder unless given, with
+    overrides applied), the folder's state dict, and the checked plan mapping it onto the model's weight table.
+    Raises `WeightLoadError` as `LoadPlan.check` does."""
+    from .config import CvtConfig
+    from .weights import plan_load
+
+    directory = os.fspath(directory)
+    if config is None:
+        config = CvtConfig.from_pretrained(directory, **config_overrides)
+    elif config_overrides:
+        config = config.copy(**config_overrides)
+    state = load_pretrained_state(directory)
+    plan = plan_load(config, with_head, {k: v.shape for k, v in state.items()})
+    plan.check(directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    return config, state, plan
+
+
 def save_pretrained_state(directory: str, tensors: Mapping[str, np.ndarray]) -> str:
     """Write `model.safetensors` into `directory` atomically; removes a stale `pytorch_model.bin` twin."""
     os.makedirs(directory, exist_ok=True)

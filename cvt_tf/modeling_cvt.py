@@ -43,11 +43,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from cvt_core.checkpoint import load_pretrained_state, save_pretrained_state  # noqa: E402
+from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
 from cvt_core.shapes import check_pixel_values_shape, minimum_input_size  # noqa: E402
-from cvt_core.weights import plan_load, weight_table  # noqa: E402
+from cvt_core.weights import weight_table  # noqa: E402
 
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
 
@@ -723,13 +723,8 @@ class TFCvtPreTrainedModel(keras.Model):
         with a fresh head (with a warning).
         """
         directory = os.fspath(directory)
-        if config is None:
-            config = CvtConfig.from_pretrained(directory, **config_overrides)
-        elif config_overrides:
-            config = config.copy(**config_overrides)
-        state = load_pretrained_state(directory)
-        plan = plan_load(config, cls.with_head, {k: v.shape for k, v in state.items()})
-        plan.check(directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
+                                              **config_overrides)
         model = cls(config, data_format=data_format)
         model.build_with_dummy_input()
         by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}

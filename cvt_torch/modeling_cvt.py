@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvt_core.checkpoint import load_pretrained_state, save_pretrained_state
+from cvt_core.checkpoint import read_pretrained, save_pretrained_state
 from cvt_core.config import CvtConfig
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import check_pixel_values_shape
-from cvt_core.weights import plan_load
 
 logger = logging.getLogger(__name__)
 
@@ -792,13 +791,8 @@ class CvtPreTrainedModel(nn.Module):
         case the affected weights keep their fresh initialisation and a warning is logged.
         """
         directory = os.fspath(directory)
-        if config is None:
-            config = CvtConfig.from_pretrained(directory, **config_overrides)
-        elif config_overrides:
-            config = config.copy(**config_overrides)
-        state = load_pretrained_state(directory)
-        plan = plan_load(config, cls.with_head, {k: v.shape for k, v in state.items()})
-        plan.check(directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
+                                              **config_overrides)
 
         model = cls(config)
         own_state = model.state_dict()
