@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from conversion.random_weights import randomize_torch_model_
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -94,28 +96,6 @@ def cvt_macs(config, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> Dict[
 
 
 # ============================================================================================== weights
-def randomize_(model, seed: int) -> None:
-    """Every weight and BatchNorm statistic a distinct random value (transformers' init leaves BN at 0/1)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                tensor.fill_(int(torch.randint(1, 1000, (1,), generator=gen)))
-            elif name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1.5 + 0.25)
-            elif name.endswith("running_mean") or name.endswith(".bias"):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
-            elif "norm" in name and name.endswith(".weight"):
-                tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen) * 0.1)
-            elif name.endswith("cls_token"):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
-            else:
-                fan_in = max(1, int(np.prod(tensor.shape[1:]))) if tensor.dim() > 1 else 1
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) / np.sqrt(fan_in))
-
-
 def make_checkpoint(directory: str, seed: int = 0) -> None:
     """transformers' CvT-13 classifier with randomised weights, saved with save_pretrained (safetensors)."""
     import torch
@@ -124,7 +104,7 @@ def make_checkpoint(directory: str, seed: int = 0) -> None:
     torch.manual_seed(seed)
     config = transformers.CvtConfig(num_labels=NUM_LABELS, image_size=IMAGE_SIZE)  # the cvt-13 defaults
     model = transformers.CvtForImageClassification(config).eval()
-    randomize_(model, seed)
+    randomize_torch_model_(model, seed)
     model.save_pretrained(directory, safe_serialization=True)
 
 

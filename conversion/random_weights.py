@@ -32,3 +32,15 @@ def random_state(config: CvtConfig, with_head: bool = True, seed: int = 0, dtype
             value = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
         out[entry.torch_name(with_head)] = value if entry.leaf == "num_batches_tracked" else value.astype(dtype)
     return out
+
+
+def randomize_torch_model_(model, seed: int = 0) -> None:
+    """Load `random_state` into a PyTorch CvT, ours or transformers' (their state-dict names are the table's)."""
+    import torch
+
+    from cvt_core.config import CvtConfig
+
+    config = model.config if isinstance(model.config, CvtConfig) else CvtConfig.from_dict(model.config.to_dict())
+    with_head = any(name.startswith("cvt.") for name in model.state_dict())
+    state = random_state(config, with_head, seed)
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in state.items()}, strict=True)

@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from conversion.random_weights import randomize_torch_model_ as randomize_  # re-exported for the tests
+
 ORACLE_TOLERANCE = 1e-5
 
 
@@ -25,31 +27,6 @@ def assert_close(actual, expected, name: str = "", tol: float = ORACLE_TOLERANCE
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
     err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     assert err <= tol * scale, f"{name}: max abs diff {err:.3g} > {tol:g} * {scale:.3g}"
-
-
-def randomize_(model, seed: int) -> None:
-    """Give every weight and BatchNorm statistic a distinct random value, so layout or naming slips show.
-
-    transformers initialises biases to 0, norms to 1 and BatchNorm statistics to 0/1, which would hide them.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                tensor.fill_(int(torch.randint(1, 1000, (1,), generator=gen)))
-            elif name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1.5 + 0.25)
-            elif name.endswith("running_mean") or name.endswith(".bias"):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
-            elif "norm" in name and name.endswith(".weight"):
-                tensor.copy_(1.0 + torch.randn(tensor.shape, generator=gen) * 0.1)
-            elif name.endswith("cls_token"):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
-            else:
-                fan_in = max(1, int(np.prod(tensor.shape[1:]))) if tensor.dim() > 1 else 1
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) / np.sqrt(fan_in))
 
 
 def make_hf_checkpoint(directory: str, config_kwargs: dict, seed: int = 0, with_head: bool = True,
