@@ -38,6 +38,8 @@ from torch import nn
 
 from cvt_core.history import format_epoch
 
+from .modeling_cvt import register_fusable_module
+
 
 # --------------------------------------------------------------------------------------------------- distributed set-up
 @dataclass
@@ -96,6 +98,7 @@ def barrier(context: DistributedContext) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- synchronised BatchNorm
+@register_fusable_module  # in eval mode it is a plain BatchNorm2d, so the fused inference path applies
 class DistributedBatchNorm2d(nn.BatchNorm2d):
     """`BatchNorm2d` whose training statistics cover the global batch of all processes, on any device.
 

@@ -337,3 +337,19 @@ def test_registered_eval_equivalent_module_keeps_the_fast_path():
             assert_close(model(x).logits.numpy(), slow.numpy(), "registered BatchNorm subclass")
     finally:
         M._FUSABLE_MODULES.discard(SyncLikeBatchNorm)
+
+
+@needs_onednn
+def test_model_with_synchronised_batch_norm_keeps_the_fast_path_in_eval():
+    from cvt_torch import training
+
+    model = random_model(CvtForImageClassification, FUSED_CONFIGS["tiny"], seed=14)
+    x = pixels(side=48)
+    expected = reference_outputs(model, x)
+    training.convert_sync_batchnorm(model).eval()
+    assert any(isinstance(m, training.DistributedBatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert model.cvt.encoder.can_fuse(x)
+        assert_outputs_close(model(x), expected, "synchronised BatchNorm, eval")
+    model.train()
+    assert not model.cvt.encoder.can_fuse(x)
