@@ -102,18 +102,19 @@ def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = 
 
 def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
     """`norm(tokens)` (LayerNorm over the last axis) in fewer element-wise passes than Keras' implementation:
-    float32 statistics, then one multiply-add with the scale and shift folded per row. Same variables."""
+    float32 statistics, per-row normalisation as one multiply and one subtract with (rows, 1) factors, then the
+    per-channel scale and shift. Full-size temporaries are what cost here (measured: folding gamma into the per-row
+    factor first makes every factor full-size and is ~10% slower). Same variables."""
     dtype = tokens.dtype
     values = tokens if dtype == tf.float32 else tf.cast(tokens, tf.float32)
     mean = tf.reduce_mean(values, axis=-1, keepdims=True)
     variance = tf.reduce_mean(tf.math.squared_difference(values, mean), axis=-1, keepdims=True)
     inverse = tf.math.rsqrt(variance + norm.epsilon)
+    outputs = values * inverse - mean * inverse
     if norm.scale:
-        inverse = inverse * ops.cast(norm.gamma, tf.float32)
-    shift = -mean * inverse
+        outputs = outputs * ops.cast(norm.gamma, tf.float32)
     if norm.center:
-        shift = shift + ops.cast(norm.beta, tf.float32)
-    outputs = values * inverse + shift
+        outputs = outputs + ops.cast(norm.beta, tf.float32)
     return outputs if dtype == tf.float32 else tf.cast(outputs, dtype)
 
 
