@@ -29,6 +29,7 @@ from cvt_core.checkpoint import (
     CONFIG_NAME,
     PYTORCH_BIN_INDEX_NAME,
     PYTORCH_BIN_NAME,
+    PYTORCH_WEIGHT_NAMES,
     SAFETENSORS_INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointError,
@@ -47,7 +48,6 @@ from .state import FLOAT_DTYPES, CanonicalState, make_state, read_safetensors_la
 SOURCE_FORMATS = ("auto", "hf", "hf-tf", "keras", "original")
 TARGETS = ("torch", "hf-tf", "keras")
 TARGET_FILES = {"torch": (SAFETENSORS_NAME,), "hf-tf": (TF_WEIGHTS_NAME,), "keras": (KERAS_WEIGHTS_NAME, KERAS_MODEL_NAME)}
-TORCH_WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_BIN_NAME, PYTORCH_BIN_INDEX_NAME)
 ORIGINAL_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt", ".bin", ".safetensors")
 ARCHITECTURES = {True: "CvtForImageClassification", False: "CvtModel"}
 
@@ -188,7 +188,7 @@ def _original_candidates(directory: str) -> List[str]:
     out = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if os.path.isfile(path) and name.endswith(ORIGINAL_SUFFIXES) and name not in TORCH_WEIGHT_NAMES:
+        if os.path.isfile(path) and name.endswith(ORIGINAL_SUFFIXES) and name not in PYTORCH_WEIGHT_NAMES:
             out.append(path)
     return out
 
@@ -205,7 +205,7 @@ def detect_directory(directory: str, fmt: str = "auto") -> SourceSpec:
     config_path = os.path.join(directory, CONFIG_NAME)
     config_path = config_path if os.path.isfile(config_path) else None
     found: Dict[str, str] = {}
-    for name in TORCH_WEIGHT_NAMES:
+    for name in PYTORCH_WEIGHT_NAMES:
         if os.path.isfile(os.path.join(directory, name)):
             found.setdefault("hf", os.path.join(directory, name))
     if os.path.isfile(os.path.join(directory, TF_WEIGHTS_NAME)):
@@ -382,7 +382,7 @@ def write_targets(state: CanonicalState, directory: str, targets: Sequence[str],
 def formats_in_directory(directory: str) -> List[Tuple[str, str]]:
     """(label, path) of every checkpoint format found in a folder, in cross-check order."""
     found = []
-    for name in TORCH_WEIGHT_NAMES:
+    for name in PYTORCH_WEIGHT_NAMES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             found.append(("torch", path))

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cvt_core.checkpoint import TF_WEIGHTS_NAME
 from cvt_core.config import CvtConfig
 from cvt_core.weights import WeightEntry, weight_table
 
@@ -37,7 +38,6 @@ from .errors import ConversionError
 from .progress import progress
 from .state import CanonicalState, make_state
 
-TF_WEIGHTS_NAME = "tf_model.h5"
 TF_WEIGHTS_INDEX_NAME = "tf_model.h5.index.json"
 HDF5_OBJECT_HEADER_LIMIT = 64512  # tf_keras' limit for one attribute
 SCOPES = {True: "tf_cvt_for_image_classification", False: "tf_cvt_model"}

@@ -678,27 +678,29 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
 # =========================================================================================================== prediction
 def _load_for_prediction(directory: str, framework: Optional[str]):
     """(framework, model, config) for `cvt predict`."""
-    from cvt_core.checkpoint import CONFIG_NAME
+    from cvt_core.checkpoint import CONFIG_NAME, PYTORCH_WEIGHT_NAMES, TF_WEIGHTS_NAME
 
-    from .formats import TORCH_WEIGHT_NAMES, formats_in_directory, read_config_file, read_target
+    from .formats import formats_in_directory, read_config_file, read_target
 
     if not os.path.isdir(directory):
         raise ConversionError(directory, "no such checkpoint folder")
     config = read_config_file(os.path.join(directory, CONFIG_NAME))
-    has_torch_weights = any(os.path.isfile(os.path.join(directory, n)) for n in TORCH_WEIGHT_NAMES)
+    # the files both models' from_pretrained read
+    pretrained = any(os.path.isfile(os.path.join(directory, n)) for n in PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,))
     if framework is None:
-        framework = "torch" if has_torch_weights and _importable("torch") else "keras"
+        framework = "torch" if pretrained and _importable("torch") else "keras"
     if framework == "torch":
-        if not has_torch_weights:
-            raise ConversionError(directory, "holds no PyTorch weights (model.safetensors / pytorch_model.bin); use "
-                                             "--framework keras or convert it with `cvt convert DIR OUT --to torch`")
+        if not pretrained:
+            raise ConversionError(directory, "holds no weights PyTorch can load (model.safetensors, pytorch_model.bin, "
+                                             "tf_model.h5); use --framework keras or convert it with "
+                                             "`cvt convert DIR OUT --to torch`")
         from cvt_torch import CvtForImageClassification
 
         return "torch", CvtForImageClassification.from_pretrained(directory), config
     from .models import import_keras_models
 
     _, _, TFCvtForImageClassification = import_keras_models()
-    if has_torch_weights:
+    if pretrained:
         return "keras", TFCvtForImageClassification.from_pretrained(directory), config
     found = formats_in_directory(directory)
     if not found:

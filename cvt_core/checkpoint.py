@@ -21,6 +21,9 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_BIN_NAME = "pytorch_model.bin"
 PYTORCH_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+# a folder's PyTorch weights, in the order from_pretrained prefers them
+PYTORCH_WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_BIN_NAME, PYTORCH_BIN_INDEX_NAME)
+TF_WEIGHTS_NAME = "tf_model.h5"  # transformers' TF weights (Keras 2 HDF5); read by conversion.hf_tf_h5
 CONFIG_NAME = "config.json"
 
 
@@ -262,14 +265,18 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------ checkpoint folders
 def find_weights_file(directory: str) -> str:
     """The weights file of a transformers PyTorch checkpoint folder, safetensors preferred."""
-    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_BIN_NAME, PYTORCH_BIN_INDEX_NAME):
+    for name in PYTORCH_WEIGHT_NAMES:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
             return candidate
     present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    hint = ""
+    if {"model.keras", "model.weights.h5"} & set(present):
+        hint = ("; Keras 3 files load with keras.models.load_model / model.load_weights, or convert the folder with "
+                "`cvt convert DIR OUT --to torch`")
     raise CheckpointError(
-        f"{directory}: no PyTorch weights found (looked for {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
-        f"{PYTORCH_BIN_NAME}, {PYTORCH_BIN_INDEX_NAME}); the folder holds {present or 'nothing'}"
+        f"{directory}: no weights found (looked for {', '.join(PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,))}); the "
+        f"folder holds {present or 'nothing'}{hint}"
     )
 
 
@@ -301,10 +308,34 @@ def read_weights_file(path: str) -> Dict[str, np.ndarray]:
 
 
 def load_pretrained_state(directory: str) -> Dict[str, np.ndarray]:
-    """The state dict (transformers PyTorch names) of a checkpoint folder."""
+    """The state dict (transformers PyTorch names and layouts) of a checkpoint folder: its PyTorch weights, or, in
+    a folder that holds only transformers' TF weights (`tf_model.h5`, as `save_pretrained` of transformers' TF
+    classes or `cvt convert --to hf-tf` write it), those."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory (expected a checkpoint folder with config.json and weights)")
+    tf_weights = os.path.join(directory, TF_WEIGHTS_NAME)
+    if os.path.isfile(tf_weights) and not any(os.path.isfile(os.path.join(directory, n)) for n in PYTORCH_WEIGHT_NAMES):
+        return _read_tf_weights(directory, tf_weights)
     return read_weights_file(find_weights_file(directory))
+
+
+def _read_tf_weights(directory: str, path: str) -> Dict[str, np.ndarray]:
+    # The tf_model.h5 reader (NumPy and h5py, no TensorFlow) lives with the other foreign formats in `conversion`;
+    # it reads the file against the folder's own config, so a model built with other sizes (a new head, say) still
+    # gets its strict / ignore_mismatched_sizes report from the load plan, as with PyTorch weights.
+    from conversion.errors import ConversionError
+    from conversion.hf_tf_h5 import read_tf_h5
+
+    from .config import CvtConfig
+
+    try:
+        state = read_tf_h5(path, CvtConfig.from_pretrained(directory))
+        try:
+            return {state.name(e): state.array(e) for e in state.entries() if state.name(e) in state.tensors}
+        finally:
+            state.close()
+    except ConversionError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_pretrained(directory: str, with_head: bool, config=None, strict: bool = True,

@@ -716,7 +716,8 @@ class TFCvtPreTrainedModel(keras.Model):
     def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
                         ignore_mismatched_sizes: bool = False, data_format: str = "channels_first",
                         **config_overrides: Any):
-        """Load a transformers PyTorch checkpoint folder (config.json + model.safetensors or pytorch_model.bin).
+        """Load a transformers checkpoint folder: config.json + model.safetensors or pytorch_model.bin, or tf_model.h5
+        (transformers' TF weights) in a folder without PyTorch weights.
 
         `strict`: missing or unexpected weights raise `WeightLoadError` (else they are reported and missing ones
         keep their initial values); `ignore_mismatched_sizes`: mis-shaped weights are re-initialised instead of

@@ -783,7 +783,8 @@ class CvtPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
                         strict: bool = True, ignore_mismatched_sizes: bool = False, **config_overrides):
-        """Build the model from a transformers-format folder (config.json + model.safetensors / pytorch_model.bin).
+        """Build the model from a transformers-format folder: config.json + model.safetensors / pytorch_model.bin, or
+        tf_model.h5 (transformers' TF weights) in a folder without PyTorch weights.
 
         A classifier checkpoint loads into `CvtModel` (its head is ignored); a bare checkpoint loads into
         `CvtForImageClassification` with a freshly initialised head (logged as a warning). Missing, unexpected or

@@ -105,6 +105,45 @@ def test_our_from_pretrained_loads_a_converted_folder_in_both_frameworks(source,
     np.testing.assert_allclose(got, expected[0], rtol=0, atol=1e-5 * max(1.0, float(np.abs(expected[0]).max())))
 
 
+def test_from_pretrained_reads_a_folder_holding_only_tf_model_h5_in_both_frameworks(source, tmp_path):
+    """What transformers' TF save_pretrained or `cvt convert --to hf-tf` leaves (config.json + tf_model.h5) is a
+    checkpoint folder for both models' from_pretrained, BatchNorm statistics included."""
+    code, out, err = cli("convert", source / "src", tmp_path / "tf", "--to", "hf-tf")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "tf")) == ["config.json", "tf_model.h5"]
+    from cvt_tf import TFCvtForImageClassification
+    from cvt_torch import CvtForImageClassification
+
+    expected = _torch_outputs(source / "src")
+    torch_model = CvtForImageClassification.from_pretrained(str(tmp_path / "tf"))
+    source_state = read_safetensors(str(source / "src" / "model.safetensors"))
+    for name, value in torch_model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert value.numpy().tobytes() == source_state[name].tobytes(), name
+    assert [a.tobytes() for a in _torch_outputs(tmp_path / "tf")] == [a.tobytes() for a in expected]
+    keras_model = TFCvtForImageClassification.from_pretrained(str(tmp_path / "tf"))
+    got = np.asarray(keras_model(PIXELS, training=False).logits)
+    np.testing.assert_allclose(got, expected[0], rtol=0, atol=1e-5 * max(1.0, float(np.abs(expected[0]).max())))
+
+    # a new head from the same TF weights: the load plan's rules apply as for PyTorch weights
+    with pytest.raises(ValueError, match="classifier.weight"):
+        CvtForImageClassification.from_pretrained(str(tmp_path / "tf"), num_labels=5)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        fresh = TFCvtForImageClassification.from_pretrained(str(tmp_path / "tf"), num_labels=5,
+                                                            ignore_mismatched_sizes=True)
+    assert fresh(PIXELS, training=False).logits.shape == (2, 5)
+
+
+def test_from_pretrained_on_a_keras_only_folder_says_how_to_load_it(source, tmp_path):
+    code, out, err = cli("convert", source / "src", tmp_path / "k", "--to", "keras")
+    assert code == 0, err
+    from cvt_torch import CvtForImageClassification
+
+    with pytest.raises(ValueError, match="keras.models.load_model") as caught:
+        CvtForImageClassification.from_pretrained(str(tmp_path / "k"))
+    assert "tf_model.h5" in str(caught.value) and "model.keras" in str(caught.value)
+
+
 def test_keras_weights_file_without_config_asks_for_one(source, tmp_path):
     code, out, err = cli("convert", source / "src", tmp_path / "k", "--to", "keras")
     assert code == 0, err

@@ -199,7 +199,7 @@ def test_corrupt_bin_and_empty_folder_are_clear_errors(tmp_path):
         load_pretrained_state(str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match="no PyTorch weights found"):
+    with pytest.raises(CheckpointError, match="no weights found"):
         load_pretrained_state(str(empty))
 
 
