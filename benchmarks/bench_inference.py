@@ -481,6 +481,8 @@ def worker_main(kind: str, checkpoint: str, threads: Optional[int], workdir: str
                 reply(result)
             elif cmd == "time":
                 run = prepared[request["key"]]
+                for _ in range(request.get("untimed", 0)):
+                    run()
                 times = []
                 for _ in range(request["n"]):
                     start = time.perf_counter()
@@ -651,9 +653,12 @@ def prepare_all(candidates: List[Candidate], warmup: int, timeout: float = 1800)
     return warm
 
 
-def run_group(candidates: List[Candidate], repeats: int, min_sample_s: float, log, warmup: int = 2) -> None:
+def run_group(candidates: List[Candidate], repeats: int, min_sample_s: float, log, warmup: int = 2,
+              settle_s: float = 0.0, untimed: int = 0) -> None:
     """Warm every candidate up, then `repeats` rounds in rotating order; each round times every candidate for at
-    least `min_sample_s` (whole iterations)."""
+    least `min_sample_s` (whole iterations), after `settle_s` of quiet (the previous worker's threads spin for a
+    while after their last operation) and `untimed` untimed iterations (a worker resuming after the others ran is
+    slow on its first iteration: measured up to 30% for transformers' PyTorch after the TF workers)."""
     warm = prepare_all(candidates, warmup)
     inner = {}
     for cand in candidates:
@@ -669,7 +674,8 @@ def run_group(candidates: List[Candidate], repeats: int, min_sample_s: float, lo
     for r in range(repeats):
         shift = r % max(1, len(live))
         for cand in live[shift:] + live[:shift]:
-            reply = cand.worker.call(cmd="time", key=cand.key, n=inner[cand.name])
+            time.sleep(settle_s)
+            reply = cand.worker.call(cmd="time", key=cand.key, n=inner[cand.name], untimed=untimed)
             if "error" in reply:
                 cand.error = reply["error"].splitlines()[0][:300]
                 continue
@@ -698,6 +704,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="batch of the training step (default 8; --quick: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration (default 5)")
     parser.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample (default 0.5)")
+    parser.add_argument("--untimed", type=int, default=1,
+                        help="untimed iterations before each timed sample: a worker resuming after the others ran is "
+                             "slow on its first iteration (default 1)")
+    parser.add_argument("--settle", type=float, default=0.3,
+                        help="seconds of quiet before each timed sample, so the previous worker's spinning threads "
+                             "have stopped (default 0.3)")
     parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: the library's own)")
     parser.add_argument("--frameworks", default="pt,tf", help="pt, tf or pt,tf (default both)")
     parser.add_argument("--omp-wait-policy", choices=("auto", "default", "passive"), default="auto",
@@ -786,7 +798,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      if kind in workers]
             if not cands:
                 return
-            run_group(cands, repeats, min_sample, log, warmup)
+            run_group(cands, repeats, min_sample, log, warmup, settle_s=args.settle, untimed=args.untimed)
             for kind in involved:
                 reply = workers[kind].call(cmd="memory")
                 memory.setdefault(kind, {})[f"{section}/{batch}"] = reply.get("peak_rss_mb")
