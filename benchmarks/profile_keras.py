@@ -45,8 +45,6 @@ def kernel_events(xspace_path: str):
                 # kernel events carry the node name (our layers' scopes) and the op type as display name
                 if metadata.display_name and "tf_cvt" in metadata.name:
                     yield metadata.display_name, metadata.name, event.duration_ps * 1e-12
-                elif metadata.name == "CpuExecutable::ExecuteAsyncOnStream":  # an XLA-compiled cluster
-                    yield "XLA cluster (the fused LayerNorm)", metadata.name, event.duration_ps * 1e-12
 
 
 def matmul_rate(dtype, n: int = 2048, repeats: int = 5) -> float:

@@ -16,8 +16,7 @@ calling the model returns the whole output container.
 
 Speed (CPU). The default path is the fast one; nothing needs switching on:
 - every Dense runs as one 2-D MatMul + BiasAdd (+ exact GELU in the MLP), which TensorFlow fuses into a single oneDNN
-  kernel; in inference each LayerNorm is one XLA-compiled kernel (float32 statistics); the attention scale is folded
-  into the query projection;
+  kernel; LayerNorm takes fewer element-wise passes; the attention scale is folded into the query projection;
 - in inference the `dw_bn` BatchNorm is folded into the depthwise kernel plus a bias, computed inside the graph
   from the current variables on every call, so assigning weights, `set_weights` or training never leaves it stale.
   Training (`training=True`, BatchNorm trainable) normalises with the batch statistics and updates the moving ones;
@@ -26,9 +25,8 @@ Speed (CPU). The default path is the fast one; nothing needs switching on:
 The fastest calls for a batch are `model.predict_on_batch(x)` (logits, float32) and `model(x)`; `predict` for
 datasets. `keras.mixed_precision.set_global_policy("mixed_bfloat16")` before building the model runs the matmuls and
 convolutions in bfloat16 (much faster on CPUs with AVX512-BF16/AMX), with float32 weights, statistics and logits.
-XLA for the whole model (`jit_compile=True`) is slower than TensorFlow's oneDNN kernels on CPU (about 3x for this
-model) and is left off there, as Keras' `jit_compile="auto"` does; only the LayerNorm, element-wise work that XLA fuses
-into one loop, is compiled (once per input shape).
+XLA (`jit_compile=True`) is slower than TensorFlow's oneDNN kernels on CPU (about 3x for this model) and is left
+off there, as Keras' `jit_compile="auto"` does.
 """
 
 from __future__ import annotations
@@ -102,38 +100,22 @@ def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = 
     return tf.reshape(outputs, shape[:-1] + [kernel.shape[-1]])
 
 
-def _layer_norm_math(tokens, gamma, beta, epsilon: float):
-    """LayerNorm over the last axis with float32 statistics, whatever the input dtype: per-row normalisation as one
-    multiply and one subtract with (rows, 1) factors, then `gamma` and `beta` (float32, or None to skip). Full-size
-    temporaries are what cost here (folding gamma into the per-row factor first makes every factor full-size and was
-    measured ~10% slower)."""
+def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
+    """`norm(tokens)` (LayerNorm over the last axis) in fewer element-wise passes than Keras' implementation:
+    float32 statistics, per-row normalisation as one multiply and one subtract with (rows, 1) factors, then the
+    per-channel scale and shift. Full-size temporaries are what cost here (measured: folding gamma into the per-row
+    factor first makes every factor full-size and is ~10% slower). Same variables."""
     dtype = tokens.dtype
     values = tokens if dtype == tf.float32 else tf.cast(tokens, tf.float32)
     mean = tf.reduce_mean(values, axis=-1, keepdims=True)
     variance = tf.reduce_mean(tf.math.squared_difference(values, mean), axis=-1, keepdims=True)
-    inverse = tf.math.rsqrt(variance + epsilon)
+    inverse = tf.math.rsqrt(variance + norm.epsilon)
     outputs = values * inverse - mean * inverse
-    if gamma is not None:
-        outputs = outputs * gamma
-    if beta is not None:
-        outputs = outputs + beta
+    if norm.scale:
+        outputs = outputs * ops.cast(norm.gamma, tf.float32)
+    if norm.center:
+        outputs = outputs + ops.cast(norm.beta, tf.float32)
     return outputs if dtype == tf.float32 else tf.cast(outputs, dtype)
-
-
-# Inference runs the LayerNorm as one XLA-compiled kernel: its reductions and element-wise steps fuse into a single
-# loop (measured 25% faster than TensorFlow's separate kernels in float32, 34% in bfloat16), while the matmuls stay
-# on oneDNN, which XLA's CPU code does not match. Compiled once per input shape and dtype.
-_fused_layer_norm = tf.function(_layer_norm_math, jit_compile=True, reduce_retracing=True)
-
-
-def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens, training=False):
-    """`norm(tokens)` from the layer's own variables: the XLA-fused kernel in inference, the same math as separate
-    TensorFlow ops in training (where the gradient needs its intermediate results)."""
-    gamma = ops.cast(norm.gamma, tf.float32) if norm.scale else None
-    beta = ops.cast(norm.beta, tf.float32) if norm.center else None
-    if training:
-        return _layer_norm_math(tokens, gamma, beta, norm.epsilon)
-    return _fused_layer_norm(tokens, gamma, beta, norm.epsilon)
 
 
 def _activation(name: str):
@@ -243,8 +225,8 @@ class TFCvtConvEmbeddings(keras.layers.Layer):
         self.projection.build((None, None, None, self.in_channels))
         self.normalization.build((None, None, None, self.embed_dim))
 
-    def call(self, pixel_values, training=False):
-        return _apply_layer_norm(self.normalization, self.projection(self.padding(pixel_values)), training=training)
+    def call(self, pixel_values):
+        return _apply_layer_norm(self.normalization, self.projection(self.padding(pixel_values)))
 
 
 class TFCvtEmbeddings(keras.layers.Layer):
@@ -260,7 +242,7 @@ class TFCvtEmbeddings(keras.layers.Layer):
         self.convolution_embeddings.build(input_shape)
 
     def call(self, pixel_values, cls_token=None, training=False):
-        grid = self.convolution_embeddings(pixel_values, training=training)
+        grid = self.convolution_embeddings(pixel_values)
         batch, height, width, channels = _shape_list(grid)
         tokens = tf.reshape(grid, (batch, height * width, channels))
         if cls_token is not None:
@@ -512,11 +494,9 @@ class TFCvtLayer(keras.layers.Layer):
 
     def call(self, hidden_state, height, width, training=False):
         attention_output, attention_probs = self.attention(
-            _apply_layer_norm(self.layernorm_before, hidden_state, training), height=height, width=width,
-            training=training)
+            _apply_layer_norm(self.layernorm_before, hidden_state), height=height, width=width, training=training)
         hidden_state = hidden_state + self.drop_path(attention_output, training=training)
-        mlp_hidden = self.intermediate(_apply_layer_norm(self.layernorm_after, hidden_state, training),
-                                       training=training)
+        mlp_hidden = self.intermediate(_apply_layer_norm(self.layernorm_after, hidden_state), training=training)
         mlp_output = self.dense_output(mlp_hidden, training=training)
         hidden_state = hidden_state + self.drop_path(mlp_output, training=training)
         return hidden_state, attention_probs
@@ -856,7 +836,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
                 grid = tf.transpose(grid, (0, 2, 3, 1))
             batch, height, width, channels = _shape_list(grid)
             tokens = tf.reshape(grid, (batch, height * width, channels))
-        pooled = tf.reduce_mean(_apply_layer_norm(self.layernorm, tokens, training), axis=1)
+        pooled = tf.reduce_mean(_apply_layer_norm(self.layernorm, tokens), axis=1)
         logits = self.classifier(pooled)
         loss = None if labels is None else self.compute_classification_loss(labels, logits)
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,

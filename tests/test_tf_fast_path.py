@@ -83,39 +83,14 @@ def test_fused_dense_equals_keras_dense(activation, use_bias):
     assert_close(fn(tf.constant(x)), expected, "dense (graph)", tol=1e-5)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["inference-xla", "training-ops"])
-def test_layer_norm_equals_keras_layer_norm(training):
+def test_layer_norm_equals_keras_layer_norm():
     norm = keras.layers.LayerNormalization(epsilon=1e-5, gamma_initializer="random_normal",
                                            beta_initializer="random_normal")
     norm.build((None, None, 32))
     x = (np.random.default_rng(0).standard_normal((2, 9, 32)) * 4 + 3).astype(np.float32)
-    assert_close(_apply_layer_norm(norm, tf.constant(x), training), norm(x), "layer norm", tol=1e-5)
+    assert_close(_apply_layer_norm(norm, tf.constant(x)), norm(x), "layer norm", tol=1e-5)
     grid = x.reshape(2, 3, 3, 32)
-    assert_close(_apply_layer_norm(norm, tf.constant(grid), training), norm(grid), "layer norm (NHWC)", tol=1e-5)
-    # bfloat16 tokens: float32 statistics, one rounding at the end, as Keras' layer does under mixed_bfloat16
-    bf16 = tf.cast(tf.constant(x), tf.bfloat16)
-    got = _apply_layer_norm(norm, bf16, training)
-    assert got.dtype == tf.bfloat16
-    expected = norm(tf.cast(bf16, tf.float32)).numpy()
-    assert np.abs(tf.cast(got, tf.float32).numpy() - expected).max() <= 2.0 ** -8 * np.abs(expected).max()
-
-
-def test_inference_layer_norm_is_one_xla_kernel_and_training_keeps_differentiable_ops():
-    from cvt_tf import modeling_cvt as M
-
-    norm = keras.layers.LayerNormalization(epsilon=1e-5)
-    norm.build((None, None, 8))
-    graph = tf.function(lambda x: M._apply_layer_norm(norm, x, False)).get_concrete_function(
-        tf.TensorSpec((None, None, 8), tf.float32)).graph
-    calls = [op for op in graph.get_operations() if op.type in ("StatefulPartitionedCall", "PartitionedCall")]
-    assert any(op.get_attr("_XlaMustCompile") for op in calls if "_XlaMustCompile" in op.node_def.attr)
-    x = tf.constant(np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = M._apply_layer_norm(norm, x, True)
-        loss = tf.reduce_sum(y * tf.range(8, dtype=tf.float32))
-    gradients = tape.gradient(loss, [x, norm.gamma, norm.beta])
-    assert all(g is not None and np.all(np.isfinite(np.asarray(g))) for g in gradients)
+    assert_close(_apply_layer_norm(norm, tf.constant(grid)), norm(grid), "layer norm (NHWC)", tol=1e-5)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
