@@ -194,6 +194,7 @@ def test_explicit_build_creates_every_variable_without_an_input():
 @pytest.mark.parametrize("name", list(FLEXIBLE_CONFIGS))
 def test_configs_transformers_cannot_build_run_forward_and_train(name):
     config = CvtConfig(**FLEXIBLE_CONFIGS[name])
+    keras.utils.set_random_seed(0)  # the zero-gradient check below must not depend on a random initialisation
     model = TFCvtForImageClassification(config)
     rng = np.random.default_rng(1)
     pixel_values = _nchw(rng, 2, 45, 38)
