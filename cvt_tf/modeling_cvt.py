@@ -91,12 +91,8 @@ def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = 
     outputs = tf.matmul(tf.reshape(tokens, (-1, shape[-1])), kernel)
     if bias is not None:
         outputs = tf.nn.bias_add(outputs, bias)
-    if activation == "gelu":
-        outputs = tf.nn.gelu(outputs, approximate=False)
-    elif activation == "quick_gelu":
-        outputs = outputs * tf.sigmoid(1.702 * outputs)
-    elif activation is not None:
-        raise ValueError(f"hidden_act={activation!r} is unknown")
+    if activation is not None:
+        outputs = _activation(activation)(outputs)
     return tf.reshape(outputs, shape[:-1] + [kernel.shape[-1]])
 
 
@@ -444,7 +440,6 @@ class TFCvtIntermediate(keras.layers.Layer):
         super().__init__(**kwargs)
         self.embed_dim = config.embed_dim[stage]
         self.dense = _dense(config, config.mlp_hidden_dim(stage), "dense")
-        self.activation = _activation(config.hidden_act)  # checks the name
         self.hidden_act = config.hidden_act
         self.dropout = keras.layers.Dropout(config.drop_rate[stage], name="dropout")
 
