@@ -47,18 +47,15 @@ def kernel_events(xspace_path: str):
                     yield metadata.display_name, metadata.name, event.duration_ps * 1e-12
 
 
-def matmul_rate(dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_rate(dtype, n: int = 2048) -> float:
+    """GFLOP/s of `tf.matmul` on two n x n matrices of `dtype` (best of several), as the benchmark measures it."""
     import tensorflow as tf
+
+    from benchmarks.bench_inference import _best_rate
 
     a = tf.cast(tf.random.normal((n, n)), dtype)
     b = tf.cast(tf.random.normal((n, n)), dtype)
-    tf.matmul(a, b).numpy()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tf.matmul(a, b).numpy()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+    return _best_rate(lambda: tf.matmul(a, b).numpy(), 2 * n ** 3)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from cvt_core.checkpoint import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME
 from cvt_core.config import CvtConfig
 from cvt_core.weights import weight_table
 
@@ -22,8 +23,6 @@ from .errors import ConversionError, one_line
 from .models import assign_keras_weights, import_keras_models, new_keras_model, release
 from .state import CanonicalState, make_state
 
-KERAS_WEIGHTS_NAME = "model.weights.h5"
-KERAS_MODEL_NAME = "model.keras"
 HEAD_GROUPS = ("layernorm", "classifier")
 
 

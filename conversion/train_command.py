@@ -678,15 +678,14 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
 # =========================================================================================================== prediction
 def _load_for_prediction(directory: str, framework: Optional[str]):
     """(framework, model, config) for `cvt predict`."""
-    from cvt_core.checkpoint import CONFIG_NAME, PYTORCH_WEIGHT_NAMES, TF_WEIGHTS_NAME
+    from cvt_core.checkpoint import CONFIG_NAME, pretrained_weights_file
 
     from .formats import formats_in_directory, read_config_file, read_target
 
     if not os.path.isdir(directory):
         raise ConversionError(directory, "no such checkpoint folder")
     config = read_config_file(os.path.join(directory, CONFIG_NAME))
-    # the files both models' from_pretrained read
-    pretrained = any(os.path.isfile(os.path.join(directory, n)) for n in PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,))
+    pretrained = pretrained_weights_file(directory) is not None  # both models' from_pretrained can load it
     if framework is None:
         framework = "torch" if pretrained and _importable("torch") else "keras"
     if framework == "torch":

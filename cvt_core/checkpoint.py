@@ -24,6 +24,10 @@ PYTORCH_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 # a folder's PyTorch weights, in the order from_pretrained prefers them
 PYTORCH_WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_BIN_NAME, PYTORCH_BIN_INDEX_NAME)
 TF_WEIGHTS_NAME = "tf_model.h5"  # transformers' TF weights (Keras 2 HDF5); read by conversion.hf_tf_h5
+# what from_pretrained reads, in order of preference: PyTorch weights first, transformers' TF weights last
+PRETRAINED_WEIGHT_NAMES = PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,)
+KERAS_WEIGHTS_NAME = "model.weights.h5"  # Keras 3's own files, written and read by conversion.keras_native
+KERAS_MODEL_NAME = "model.keras"
 CONFIG_NAME = "config.json"
 
 
@@ -263,21 +267,14 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoint folders
-def find_weights_file(directory: str) -> str:
-    """The weights file of a transformers PyTorch checkpoint folder, safetensors preferred."""
-    for name in PYTORCH_WEIGHT_NAMES:
+def pretrained_weights_file(directory: str) -> Optional[str]:
+    """The weights file `from_pretrained` reads in a checkpoint folder (the first of `PRETRAINED_WEIGHT_NAMES`
+    present), or None."""
+    for name in PRETRAINED_WEIGHT_NAMES:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
             return candidate
-    present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-    hint = ""
-    if {"model.keras", "model.weights.h5"} & set(present):
-        hint = ("; Keras 3 files load with keras.models.load_model / model.load_weights, or convert the folder with "
-                "`cvt convert DIR OUT --to torch`")
-    raise CheckpointError(
-        f"{directory}: no weights found (looked for {', '.join(PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,))}); the "
-        f"folder holds {present or 'nothing'}{hint}"
-    )
+    return None
 
 
 def read_weights_file(path: str) -> Dict[str, np.ndarray]:
@@ -313,10 +310,18 @@ def load_pretrained_state(directory: str) -> Dict[str, np.ndarray]:
     classes or `cvt convert --to hf-tf` write it), those."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory (expected a checkpoint folder with config.json and weights)")
-    tf_weights = os.path.join(directory, TF_WEIGHTS_NAME)
-    if os.path.isfile(tf_weights) and not any(os.path.isfile(os.path.join(directory, n)) for n in PYTORCH_WEIGHT_NAMES):
-        return _read_tf_weights(directory, tf_weights)
-    return read_weights_file(find_weights_file(directory))
+    path = pretrained_weights_file(directory)
+    if path is None:
+        present = sorted(os.listdir(directory))
+        hint = ""
+        if {KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME} & set(present):
+            hint = ("; Keras 3 files load with keras.models.load_model / model.load_weights, or convert the folder "
+                    "with `cvt convert DIR OUT --to torch`")
+        raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(PRETRAINED_WEIGHT_NAMES)}); the "
+                              f"folder holds {present or 'nothing'}{hint}")
+    if os.path.basename(path) == TF_WEIGHTS_NAME:
+        return _read_tf_weights(directory, path)
+    return read_weights_file(path)
 
 
 def _read_tf_weights(directory: str, path: str) -> Dict[str, np.ndarray]:
