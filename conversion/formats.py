@@ -35,6 +35,7 @@ from cvt_core.checkpoint import (
     CheckpointError,
     read_torch_bin,
     read_weights_file,
+    tensor_view_problem,
 )
 from cvt_core.config import PRESETS, CvtConfig
 
@@ -98,7 +99,9 @@ def _legacy_torch_load(path: str) -> Dict[str, np.ndarray]:
             what = text[marker:].split(" We recommend")[0].split(". ")[0] if marker >= 0 else "non-tensor objects"
             raise ConversionError(path, f"refusing to load: the pickle asks for code to run ({what}); only plain "
                                         f"tensors are accepted") from None
-        raise ConversionError(path, "not a PyTorch checkpoint (truncated or corrupt)") from None
+        reason = text if len(text) <= 160 else text[:157] + "..."
+        raise ConversionError(path, f"not a PyTorch checkpoint (truncated or corrupt: {reason or type(exc).__name__})"
+                              ) from None
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict):
@@ -107,7 +110,18 @@ def _legacy_torch_load(path: str) -> Dict[str, np.ndarray]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(path, "does not hold a flat dictionary of tensors")
     out = {}
+    known = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+             torch.int8, torch.uint8, torch.bool)
     for key, tensor in obj.items():
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.dtype not in known:
+            raise ConversionError(path, f"tensor {key} is a {tensor.layout} {tensor.dtype} tensor, which is not "
+                                        f"supported; store plain dense tensors")
+        # torch.load checks views against their storage today; checked again so that no torch version's
+        # leniency can turn a crafted view into a read of other memory
+        storage_numel = tensor.untyped_storage().nbytes() // tensor.element_size()
+        problem = tensor_view_problem(storage_numel, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if problem is not None:
+            raise ConversionError(path, f"refusing to load tensor {key}: {problem}")
         tensor = tensor.detach().cpu().contiguous()
         if tensor.dtype == torch.bfloat16:
             import ml_dtypes

@@ -11,15 +11,13 @@ name table) and refuses missing, unexpected or mis-shaped weights with a one-lin
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cvt_core.checkpoint import CheckpointError, read_safetensors
+from cvt_core.checkpoint import CheckpointError, read_safetensors_header, read_shard_index
 from cvt_core.config import CvtConfig
 from cvt_core.weights import BACKBONE_PREFIX, WeightEntry, WeightLoadError, plan_load, weight_table
 
@@ -196,20 +194,16 @@ def make_state(config: CvtConfig, shapes: Mapping[str, Sequence[int]], dtypes: M
 # ---------------------------------------------------------------------------------------- streamed safetensors
 class SafetensorsReader:
     """Tensors of one `.safetensors` file, each read with one positioned read (no memory map kept around, so the
-    resident memory of a conversion does not grow with the file). Validation is cvt_core's `read_safetensors`."""
+    resident memory of a conversion does not grow with the file). The header is cvt_core's validated one
+    (`read_safetensors_header`), so every read lies inside the file."""
 
     def __init__(self, path: str):
         self.path = path
-        arrays = read_safetensors(path)  # validates header, dtypes and offsets; lazy memmaps, never touched
-        self.shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-        self.dtypes = {k: v.dtype for k, v in arrays.items()}
-        del arrays
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        start = 8 + header_len
-        self.offsets = {k: start + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
-        self.metadata = header.get("__metadata__") or {}
+        header = read_safetensors_header(path)
+        self.shapes = {k: shape for k, (_, shape, _, _) in header.tensors.items()}
+        self.dtypes = {k: dtype for k, (dtype, _, _, _) in header.tensors.items()}
+        self.offsets = {k: begin for k, (_, _, begin, _) in header.tensors.items()}
+        self.metadata = header.metadata
         self._fd: Optional[int] = None
 
     def read(self, key: str) -> np.ndarray:
@@ -237,27 +231,19 @@ def read_safetensors_lazy(path: str) -> Tuple[Dict[str, tuple], Dict[str, np.dty
     if not path.endswith(".index.json"):
         reader = SafetensorsReader(path)
         return reader.shapes, reader.dtypes, reader.read, reader.close
-    try:
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except FileNotFoundError:
-        raise ConversionError(path, "no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ConversionError(path, "corrupt shard index (needs a 'weight_map' object)") from None
-    folder = os.path.dirname(path)
     readers: Dict[str, SafetensorsReader] = {}
     shapes: Dict[str, tuple] = {}
     dtypes: Dict[str, np.dtype] = {}
     owner: Dict[str, SafetensorsReader] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(folder, str(shard))
+    try:
+        shards = read_shard_index(path)
+    except CheckpointError as exc:
+        raise describe(exc) from None
+    for shard_path, expected in shards.items():
         try:
-            reader = readers[shard] = SafetensorsReader(shard_path)
+            reader = readers[shard_path] = SafetensorsReader(shard_path)
         except CheckpointError as exc:
             raise describe(exc) from None
-        expected = [k for k, v in weight_map.items() if v == shard]
         absent = [k for k in expected if k not in reader.shapes]
         if absent:
             raise ConversionError(shard_path, f"shard lacks {len(absent)} tensors its index lists, e.g. {absent[0]}")

@@ -16,6 +16,8 @@ import numpy as np
 
 TINY = dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], image_size=64)
 # enough layers that the `cvt` group's weight_names attribute passes HDF5's 64 KiB limit and is split
+# the smallest CvT with a classifier that the converter tests use: three stages, cls token on the last
+TINY_CONFIG = dict(embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 1, 2], num_labels=3, image_size=32)
 TINY_DEEP = dict(embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 2, 11], image_size=32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,15 @@ def cli(*args: str) -> Tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments) -> None:
+    """`cvt` refused its input the promised way: exit 2 and one line on stderr holding every fragment."""
+    assert code == 2, (code, out, err)
+    assert err.startswith("cvt: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in out + err
+    for fragment in fragments:
+        assert str(fragment) in err, (fragment, err)
 
 
 def leftovers(parent) -> List[str]:
