@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cast floating-point weights (default: keep the source's)")
     convert.add_argument("--hidden-act", default=None, choices=["gelu", "quick_gelu"],
                          help="override the MLP activation (original checkpoints default to quick_gelu)")
-    convert.add_argument("--force", action="store_true", help="replace an existing DST")
+    convert.add_argument("--force", action="store_true",
+                         help="replace an existing DST that is empty or holds only checkpoint files (a folder holding "
+                              "anything else is refused)")
     convert.add_argument("--no-check", action="store_true", help="skip the cross-check (not recommended)")
 
     verify = sub.add_parser("verify", parents=[common, check], help="cross-check every format in a folder",
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="cvt-13", metavar="PRESET_OR_JSON",
                       help="preset name or config.json (default cvt-13)")
     demo.add_argument("--out", default=None, metavar="DIR", help="keep the converted checkpoint in DIR")
-    demo.add_argument("--force", action="store_true", help="replace an existing --out DIR")
+    demo.add_argument("--force", action="store_true",
+                      help="replace an existing --out DIR that is empty or holds only checkpoint files")
     demo.add_argument("--atol", type=positive_float, default=None, help="tolerance (default 1e-5)")
 
     extra = _extra_commands()

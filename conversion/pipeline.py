@@ -134,7 +134,9 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
     targets = parse_targets(to)
     if dtype == "keep":
         dtype = None
-    check_destination(os.path.abspath(dst), force)  # fail before any heavy work
+    dst = os.fspath(dst)
+    inputs = [path for path in (config, image) if path and os.path.exists(path)]
+    check_destination(dst, force, [src, *inputs])  # fail before any heavy work
     local = resolve_source(src)
     state = open_source(local, from_format, config, hidden_act=hidden_act, dtype=dtype)
     report = Report(destination=dst)
@@ -144,7 +146,7 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
         if state.cast:
             echo(f"  casting floating-point weights to {state.cast}")
         tol = atol if atol is not None else crosscheck.default_atol(state.cast)
-        with atomic_directory(dst, force) as tmp:
+        with atomic_directory(dst, force, [local, *inputs]) as tmp:
             # numpy-only formats first; then the PyTorch side of the check; then the Keras files and the Keras side
             written = write_targets(state, tmp, [t for t in targets if t != "keras"])
             pixels, description = _pixels(state.config, image)
@@ -154,11 +156,8 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
                 run_jobs([reference] + _written_jobs(tmp, state.with_head, pixels), "torch", outputs)
             if "keras" in targets:
                 written += write_targets(state, tmp, ["keras"], config_json=False)
-            echo(f"wrote {dst} ({', '.join(targets)}):")
-            for path in written:
-                echo(f"  {os.path.basename(path):<20} {_size(path):>10}")
-            for note in state.notes:
-                echo(f"  note: {note}")
+            # what was written is printed only once DST is in place: a failed check or commit writes nothing
+            listing = [f"  {os.path.basename(path):<20} {_size(path):>10}" for path in written]
             report.written = [os.path.join(dst, os.path.basename(p)) for p in written]
             if check:
                 jobs = _written_jobs(tmp, state.with_head, pixels)
@@ -169,9 +168,16 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
                 report.check = result
                 echo(crosscheck.format_table(result))
                 if not result.ok:
+                    for note in state.notes:
+                        echo(f"note: {note}")
                     report.summary = (f"FAILED: {len(result.failures)} output(s) beyond tolerance ({result.failures[0]}); "
                                       f"{dst} was not written")
                     raise CrossCheckFailed(report.summary)
+        echo(f"wrote {dst} ({', '.join(targets)}):")
+        for line in listing:
+            echo(line)
+        for note in state.notes:
+            echo(f"  note: {note}")
         if check:
             report.summary = _summary_ok(report.check, "match the source" if len(report.check.columns) > 1 else "matches the source") + f"; wrote {dst}"
         else:
@@ -245,7 +251,7 @@ def demo(preset: str = "cvt-13", out: Optional[str] = None, force: bool = False,
     """Random checkpoint of `preset` (name or config.json) -> every format -> cross-check."""
     config, _ = load_config_arg(preset)
     if out is not None:
-        check_destination(os.path.abspath(out), force)
+        check_destination(out, force, [preset] if os.path.exists(preset) else [])
     what = f"CvT with the config {preset}" if os.path.exists(preset) else preset
     echo(f"cvt demo: a randomly initialised {what} (seed 0, BatchNorm statistics randomised), saved in transformers' "
          f"PyTorch layout by our PyTorch model, is converted to every format; each is loaded back and run on the "

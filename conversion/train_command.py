@@ -137,7 +137,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", default=None, help="run directory (default runs/<timestamp>)")
-    output.add_argument("--force", action="store_true", help="reuse an existing, non-empty --out directory")
+    output.add_argument("--force", action="store_true",
+                        help="replace an existing --out directory that holds an earlier run (a folder holding other "
+                             "files is refused); an empty one is used without --force")
     output.add_argument("--no-convert", action="store_true",
                         help="skip the conversion to the other framework and its evaluation")
     output.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -260,15 +262,33 @@ def _default_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _prepare_run_dir(path: str, force: bool) -> str:
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ConversionError(path, "exists and is not a directory; choose another --out")
-        if os.listdir(path) and not force:
-            raise ConversionError(path, "already exists and is not empty; pass --force to reuse it or choose "
-                                        "another --out")
-    os.makedirs(path, exist_ok=True)
-    return path
+RUN_CHECKPOINT_DIRS = (CHECKPOINT_DIR, *(f"converted-{name}" for name in FRAMEWORKS))
+
+
+def _foreign_in_run_folder(path: str) -> List[str]:
+    """What in an existing --out folder a run did not write: anything but checkpoint/ and converted-*/ (holding
+    checkpoint files), training_curve.png and report.json."""
+    from .atomic import foreign_in_checkpoint
+
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        entry = os.path.join(path, name)
+        plain = not os.path.islink(entry)
+        if name in RUN_CHECKPOINT_DIRS and plain and os.path.isdir(entry):
+            foreign += [f"{name}/{inner}" for inner in foreign_in_checkpoint(entry)]
+        elif not (name in (REPORT_NAME, PLOT_NAME) and plain and os.path.isfile(entry)):
+            foreign.append(name + "/" if os.path.isdir(entry) else name)
+    return foreign
+
+
+def _run_sources(args) -> List[str]:
+    """The paths a run reads, which its --out must not be, hold or lie inside."""
+    return [path for path in (args.data, args.init, args.config) if path and os.path.exists(path)]
+
+
+def _showing_final(echo: Callable[[str], None], tmp: str, final: str) -> Callable[[str], None]:
+    """`echo` with the temporary run folder's path printed as the final one."""
+    return lambda text: echo(str(text).replace(tmp, final))
 
 
 def _load_dataset(args):
@@ -598,15 +618,24 @@ def _check_options(args) -> None:
 
 def train(args, echo: Callable[[str], None] = print) -> TrainResult:
     """The work of `cvt train` (see the module docstring); returns the run directory and the report (empty on the
-    processes of a distributed run that do not write)."""
-    from cvt_core.history import plot_history
+    processes of a distributed run that do not write).
+
+    The run directory is built under a temporary name beside --out and renamed into place at the end, so a run
+    that fails leaves no folder; paths printed and in report.json are the final ones."""
+    import contextlib
+
     from cvt_core.weights import count_parameters
+
+    from .atomic import atomic_directory, check_destination
 
     started = time.perf_counter()
     _check_options(args)
     writes = _writes_outputs(args.framework)
     say = _say(echo, writes)
-    run_dir = _prepare_run_dir(args.out or _default_run_dir(), args.force) if writes else None
+    out = args.out if args.out is not None else _default_run_dir()
+    destination = dict(force=args.force, sources=_run_sources(args), foreign=_foreign_in_run_folder, empty_ok=True)
+    if writes:
+        check_destination(out, **destination)  # before any work
     data = _prepare_data(args, say)
     image_size = data.processor.size["shortest_edge"]
     config = _resolve_config(args, data.dataset, image_size)
@@ -615,17 +644,60 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
     say(f"model: {origin}: embed_dim {config.embed_dim}, depth {config.depth}, heads {config.num_heads}, "
         f"{count_parameters(config, True):,} parameters, {config.num_labels} classes")
     trainer = _train_torch if args.framework == "torch" else _train_keras
-    result = trainer(args, config, data, run_dir, echo)
-    if not result["is_main"] or run_dir is None:
-        return TrainResult(None, {})
+    with atomic_directory(out, **destination) if writes else contextlib.nullcontext() as run_dir:
+        if run_dir is not None:
+            echo, say = _showing_final(echo, run_dir, out), _showing_final(say, run_dir, out)
+        result = trainer(args, config, data, run_dir, echo)
+        if not result["is_main"] or run_dir is None:
+            return TrainResult(None, {})
+        report = _finish_run(args, run_dir, out, config, origin, data, result, started, say)
 
+    written = [f"{CHECKPOINT_DIR}/"] + ([os.path.basename(report["files"]["converted"]) + "/"]
+                                        if report["files"]["converted"] else []) + \
+        ([PLOT_NAME] if report["files"]["plot"] else []) + [REPORT_NAME]
+    say(f"wrote {out}: {', '.join(written)} ({report['seconds']['total']:.0f} s in all, "
+        f"{report['seconds']['training']:.0f} s training)")
+    accuracy = report["validation_accuracy"]
+    figures = ", ".join(f"{name} {_format_accuracy(accuracy[name])}" for name in FRAMEWORKS if name in accuracy)
+    line = f"validation accuracy: {figures}"
+    if report["top1_agreement"] is not None:
+        line += (f"; top-1 agreement {100 * report['top1_agreement']:.2f}% ({len(data.val_labels)} validation "
+                 f"images, largest logit difference {report['max_abs_logit_difference']:.1e})")
+    say(line)
+    if report["conversion_failed"]:
+        from .errors import CrossCheckFailed
+
+        say(f"conversion to {OTHER[args.framework]} FAILED: {report['conversion_failed']}; the trained checkpoint "
+            f"is kept in {report['files']['checkpoint']}")
+        raise CrossCheckFailed(report["conversion_failed"])
+    return TrainResult(out, report)
+
+
+def _finish_run(args, run_dir: str, out: str, config, origin: str, data: PreparedData, result: Dict[str, Any],
+                started: float, say) -> Dict[str, Any]:
+    """Convert and evaluate in the other framework, plot and write report.json into `run_dir` (the temporary
+    folder); returns the report, whose paths name the final folder `out`."""
+    from cvt_core.history import plot_history
+    from cvt_core.weights import count_parameters
+
+    def final(path: Optional[str]) -> Optional[str]:
+        return None if path is None else os.path.join(out, os.path.relpath(path, run_dir))
+
+    image_size = data.processor.size["shortest_edge"]
     framework = args.framework
     reference_logits = result["val_logits"]
     accuracy = {framework: _accuracy(reference_logits, data.val_labels)}
     conversion = None
+    conversion_failed = None
     if not args.no_convert:
-        conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
-        accuracy[conversion["framework"]] = _accuracy(conversion["val_logits"], data.val_labels)
+        from .errors import CrossCheckFailed
+
+        try:
+            conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
+        except CrossCheckFailed as exc:  # the trained checkpoint is still good: keep the run, report the failure
+            conversion_failed = str(exc)
+        else:
+            accuracy[conversion["framework"]] = _accuracy(conversion["val_logits"], data.val_labels)
 
     plot_path: Optional[str] = os.path.join(run_dir, PLOT_NAME)
     try:
@@ -651,8 +723,10 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
         "validation_accuracy": accuracy,
         "top1_agreement": conversion["top1_agreement"] if conversion else None,
         "max_abs_logit_difference": conversion["max_abs_logit_difference"] if conversion else None,
-        "files": {"checkpoint": result["checkpoint"], "converted": conversion["directory"] if conversion else None,
-                  "plot": plot_path, "report": os.path.join(run_dir, REPORT_NAME)},
+        "conversion_failed": conversion_failed,
+        "files": {"checkpoint": final(result["checkpoint"]),
+                  "converted": final(conversion["directory"]) if conversion else None,
+                  "plot": final(plot_path), "report": os.path.join(out, REPORT_NAME)},
         "seconds": {"training": result["train_seconds"],
                     "conversion_and_evaluation": conversion["seconds"] if conversion else None,
                     "total": None},
@@ -661,18 +735,7 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
     with open(os.path.join(run_dir, REPORT_NAME), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-
-    written = [f"{CHECKPOINT_DIR}/"] + ([os.path.basename(conversion["directory"]) + "/"] if conversion else []) + \
-        ([PLOT_NAME] if plot_path else []) + [REPORT_NAME]
-    say(f"wrote {run_dir}: {', '.join(written)} ({report['seconds']['total']:.0f} s in all, "
-        f"{result['train_seconds']:.0f} s training)")
-    figures = ", ".join(f"{name} {_format_accuracy(accuracy[name])}" for name in FRAMEWORKS if name in accuracy)
-    line = f"validation accuracy: {figures}"
-    if conversion:
-        line += (f"; top-1 agreement {100 * conversion['top1_agreement']:.2f}% ({len(data.val_labels)} validation "
-                 f"images, largest logit difference {conversion['max_abs_logit_difference']:.1e})")
-    say(line)
-    return TrainResult(run_dir, report)
+    return report
 
 
 # =========================================================================================================== prediction
@@ -693,6 +756,7 @@ def _load_for_prediction(directory: str, framework: Optional[str]):
             raise ConversionError(directory, "holds no weights PyTorch can load (model.safetensors, pytorch_model.bin, "
                                              "tf_model.h5); use --framework keras or convert it with "
                                              "`cvt convert DIR OUT --to torch`")
+        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
         from cvt_torch import CvtForImageClassification
 
         return "torch", CvtForImageClassification.from_pretrained(directory), config
@@ -700,13 +764,63 @@ def _load_for_prediction(directory: str, framework: Optional[str]):
 
     _, _, TFCvtForImageClassification = import_keras_models()
     if pretrained:
+        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
         return "keras", TFCvtForImageClassification.from_pretrained(directory), config
     found = formats_in_directory(directory)
     if not found:
         raise ConversionError(directory, "holds no weights (model.safetensors, pytorch_model.bin, tf_model.h5, "
                                          "model.weights.h5, model.keras)")
     label, path = found[-1] if found[-1][1].endswith(".keras") else found[0]
-    return "keras", read_target(label, path, config, True)[1], config
+    if not path.endswith(".keras"):
+        _refuse_without_classifier(directory, config, path)
+        return "keras", read_target(label, path, config, True)[1], config
+    model = read_target(label, path, config, True)[1]  # a .keras file says itself what it holds; nothing is made up
+    _refuse_without_classifier(directory, model.config, None if model.with_head else path)
+    return "keras", model, config
+
+
+def _refuse_without_classifier(directory: str, config, weights: Optional[str]) -> None:
+    """Stop `cvt predict` before a checkpoint without a classifier gets a random head (or, with num_labels=0, the
+    pooled features) whose top-k would mean nothing. `weights` is the file the model is read from; None: it is known
+    to hold no head."""
+    reason = None
+    if config.num_labels == 0:
+        reason = "num_labels=0 in its config.json"
+    elif weights is None or not _weights_have_classifier(weights, config):
+        reason = f"{os.path.basename(weights) if weights else 'its model'} holds a bare CvtModel, no classifier weights"
+    if reason:
+        raise ConversionError(None, f"{directory} has no classifier ({reason}); predict needs an image-classification "
+                                    f"checkpoint")
+
+
+def _weights_have_classifier(path: str, config) -> bool:
+    """Whether a weights file holds the classification head, from its tensor names only (no model is built)."""
+    from cvt_core.checkpoint import KERAS_WEIGHTS_NAME, TF_WEIGHTS_NAME
+    from cvt_core.weights import BACKBONE_PREFIX
+
+    from .formats import open_torch_weights
+    from .hf_tf_h5 import read_tf_h5
+    from .keras_native import weights_file_has_head
+
+    name = os.path.basename(path)
+    if name == KERAS_WEIGHTS_NAME:
+        try:
+            return weights_file_has_head(path)
+        except OSError:
+            return True  # unreadable: let the loader report it in its own words
+    if name == TF_WEIGHTS_NAME:
+        state = read_tf_h5(path, config)
+        try:
+            return state.with_head
+        finally:
+            state.close()
+    tensors = open_torch_weights(path)
+    try:
+        # transformers' rule, as from_pretrained applies it: a classifier's backbone weights carry the `cvt.` prefix
+        return any(key.startswith(BACKBONE_PREFIX) for key in tensors.shapes)
+    finally:
+        if tensors.closer is not None:
+            tensors.closer()
 
 
 def _importable(name: str) -> bool:

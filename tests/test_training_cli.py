@@ -166,7 +166,7 @@ def test_existing_run_folder_is_kept_unless_forced(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "mine.txt").write_text("keep me")
     assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]) == 2
-    assert "already exists and is not empty; pass --force" in capsys.readouterr().err
+    assert "holds files cvt did not write (mine.txt)" in capsys.readouterr().err
     assert (tmp_path / "run" / "mine.txt").read_text() == "keep me"
 
 
