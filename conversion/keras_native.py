@@ -4,11 +4,13 @@
 Keras variables are float32 whatever `--dtype` says (a Keras dtype policy would also change the compute dtype);
 with a cast the stored values are the cast ones, exactly representable in float32. `model.weights.h5` holds no
 config: it is read with the `config.json` beside it (or `--config`), and whether it holds the classification head
-is read from its top-level groups. `num_batches_tracked` has no Keras twin and reads back as 0.
+is read from its top-level groups. `num_batches_tracked` has no Keras twin and reads back as 0. A file whose
+variables do not match the config (cvt_tf's strict loading) is refused in one line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from typing import Optional
@@ -17,10 +19,10 @@ import numpy as np
 
 from cvt_core.checkpoint import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME
 from cvt_core.config import CvtConfig
-from cvt_core.weights import weight_table
+from cvt_core.weights import WeightLoadError, weight_table
 
-from .errors import ConversionError, one_line
-from .models import assign_keras_weights, import_keras_models, new_keras_model, release
+from .errors import ConversionError, describe, one_line
+from .models import assign_keras_weights, import_keras_models, new_keras_model, no_random_draws, release
 from .state import CanonicalState, make_state
 
 HEAD_GROUPS = ("layernorm", "classifier")
@@ -65,7 +67,9 @@ def load_keras_weights_model(path: str, config: CvtConfig, with_head: Optional[b
         raise ConversionError(path, f"not a readable HDF5 file (truncated or corrupt: {one_line(str(exc))[:200]})") from None
     model = new_keras_model(config, with_head)
     try:
-        model.load_weights(path)
+        model.load_weights(path)  # strict: a file that does not fit the config raises a WeightLoadError
+    except WeightLoadError as exc:
+        raise describe(exc, path) from None
     except Exception as exc:  # Keras raises ValueError / OSError / KeyError with long messages
         raise ConversionError(path, f"cannot be loaded into a model of this config: {_short(exc)}") from None
     return model
@@ -81,7 +85,28 @@ def load_keras_model_file(path: str):
     try:
         return keras.models.load_model(path)
     except Exception as exc:
+        mismatch = _weights_mismatch(keras, path)
+        if mismatch is not None:  # Keras wraps our strict check's error in a long message of its own
+            raise describe(mismatch, path) from None
         raise ConversionError(path, f"keras.models.load_model failed: {_short(exc)}") from None
+
+
+def _weights_mismatch(keras, path: str):
+    """The strict check's `WeightLoadError` for a `.keras` file whose weights do not fit its own config, or None
+    (also when the config itself does not build)."""
+    from cvt_tf.modeling_cvt import check_keras_weights_file
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        with no_random_draws(keras):
+            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            check_keras_weights_file(model, path)
+    except WeightLoadError as exc:
+        return exc
+    except Exception:
+        return None
+    return None
 
 
 def state_from_keras_model(model, source: str) -> CanonicalState:

@@ -110,7 +110,7 @@ def run_torch(model, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ Keras
 @contextlib.contextmanager
-def _no_random_draws(keras):
+def no_random_draws(keras):
     """While building a model whose every variable is overwritten right after, let the random initializers return
     zeros: drawing 277M truncated-normal numbers costs seconds for nothing. Scoped to the build (the CLI builds
     models in one thread)."""
@@ -133,7 +133,7 @@ def new_keras_model(config: CvtConfig, with_head: bool, initialize: bool = False
     """Our Keras model, built. `initialize=False`: the caller overwrites every variable, skip the random draws."""
     keras, TFCvtModel, TFCvtForImageClassification = import_keras_models()
     cls = TFCvtForImageClassification if with_head else TFCvtModel
-    with (contextlib.nullcontext() if initialize else _no_random_draws(keras)):
+    with (contextlib.nullcontext() if initialize else no_random_draws(keras)):
         model = cls(config)
         model.build_with_dummy_input()
     return model

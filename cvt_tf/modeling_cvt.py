@@ -12,7 +12,12 @@ Layers compute channels-last (NHWC). `pixel_values` are NCHW by default, as in t
 Keras training: `compile(optimizer, loss=..., metrics=...)` then `fit(images, labels)` applies the loss and metrics
 to the logits; `compile(optimizer)` without a loss trains on the model's own loss (transformers' rule), from labels
 given as `y` or inside the input dict `{"pixel_values": ..., "labels": ...}`. `predict` returns the logits (float32);
-calling the model returns the whole output container.
+calling the model returns the whole output container. Out-of-range class labels are refused with a message naming
+`num_labels` and the label. An empty batch gives empty outputs in inference, as in PyTorch.
+
+Keras weight files load strictly: `load_weights` and `keras.models.load_model` refuse a `.weights.h5` / `.keras`
+that does not hold exactly the model's variables with their shapes (`KerasWeightsMismatchError`, a
+`cvt_core.WeightLoadError`, listing what is missing, unexpected and mis-shaped), where Keras alone skips them.
 
 Speed (CPU). The default path is the fast one; nothing needs switching on:
 - every Dense runs as one 2-D MatMul + BiasAdd (+ exact GELU in the MLP), which TensorFlow fuses into a single oneDNN
@@ -33,26 +38,30 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import h5py  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
+from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk and stores)
 
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
 from cvt_core.shapes import check_pixel_values_shape, minimum_input_size  # noqa: E402
-from cvt_core.weights import weight_table  # noqa: E402
+from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
 
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
 
 DATA_FORMATS = ("channels_first", "channels_last")
 LAYER_NORM_EPSILON = 1e-5  # every LayerNorm of CvT, whatever config.layer_norm_eps says
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights file inside a .keras archive
 
 
 def _kernel_initializer(config: CvtConfig) -> keras.initializers.Initializer:
@@ -554,6 +563,31 @@ class TFCvtEncoder(keras.layers.Layer):
         return hidden_state, cls_token, tuple(hidden_states), tuple(attentions)
 
 
+class _EmptyBatchGuard:
+    """Inference on an empty batch, which TensorFlow's convolutions cannot take (they fail inside the graph): the
+    encoder runs on one blank image instead and every output is cut back to the batch's 0 rows, as PyTorch returns
+    them. With a batch size known only when the graph runs, the swap is a `tf.cond` and the cut a slice to the
+    batch size, which TensorFlow forwards without a copy when it covers the whole tensor."""
+
+    def __init__(self, images):
+        size = tf.shape(images)[0]
+        blank = tf.zeros(tf.concat([[1], tf.shape(images)[1:]], axis=0), images.dtype)
+        if images.shape[0] == 0:
+            self.input, self.size = blank, 0
+        else:
+            self.input = tf.cond(size > 0, lambda: images, lambda: blank)
+            self.size = size
+
+    def restore(self, tensor):
+        return tensor if tensor is None else tensor[:self.size]
+
+
+def _empty_batch_guard(images) -> Optional[_EmptyBatchGuard]:
+    """None when the batch is known to be non-empty (always in eager execution), else the guard."""
+    size = images.shape[0]
+    return None if size is not None and size > 0 else _EmptyBatchGuard(images)
+
+
 class TFCvtMainLayer(keras.layers.Layer):
     """The backbone (`cvt`): validates `pixel_values`, runs the encoder, returns a `CvtModelOutput`."""
 
@@ -592,16 +626,162 @@ class TFCvtMainLayer(keras.layers.Layer):
         hidden_state = pixel_values
         if self.data_format == "channels_first":
             hidden_state = tf.transpose(hidden_state, (0, 2, 3, 1))
+        batch = None if training else _empty_batch_guard(hidden_state)
+        if batch is not None:
+            hidden_state = batch.input
         if training or not tf.executing_eagerly() or tf.distribute.has_strategy() or not self.built:
-            last, cls_token, hidden_states, attentions = self.encoder(hidden_state, training=training)
+            outputs = self.encoder(hidden_state, training=training)
         else:
-            last, cls_token, hidden_states, attentions = self._graph_encoder(tf.convert_to_tensor(hidden_state))
+            outputs = self._graph_encoder(tf.convert_to_tensor(hidden_state))
+        if batch is not None:
+            outputs = tf.nest.map_structure(batch.restore, outputs)
+        last, cls_token, hidden_states, attentions = outputs
         return CvtModelOutput(
             last_hidden_state=self._to_output_layout(last),
             cls_token_value=cls_token,
             hidden_states=tuple(self._to_output_layout(h) for h in hidden_states) if output_hidden_states else None,
             attentions=attentions if output_attentions else None,
         )
+
+
+# ------------------------------------------------------------------------------------------------ Keras weight files
+class KerasWeightsMismatchError(WeightLoadError):
+    """A Keras weights file (`.weights.h5`, the weights inside a `.keras`) does not fit the model it is loaded into.
+    `missing` and `mismatched` name the model's weights (transformers' PyTorch names), `unexpected` the file's
+    variable paths (`<layer path>/vars/<i>`); `str(error)` is one line."""
+
+    def __init__(self, source: str, missing, unexpected, mismatched):
+        super().__init__(source, missing, unexpected, mismatched)
+        parts = []
+        for label, items in (("missing from the file", self.missing), ("unexpected in the file", self.unexpected),
+                             ("mis-shaped (file vs model)",
+                              [f"{name} {tuple(got)} vs {tuple(want)}" for name, want, got in self.mismatched])):
+            if items:
+                shown = ", ".join(items[:3]) + (f", ... ({len(items) - 3} more)" if len(items) > 3 else "")
+                parts.append(f"{len(items)} {label}: {shown}")
+        self.args = (f"{source}: the Keras weights do not match the model's config: {'; '.join(parts)}; check that "
+                     f"the config belongs to these weights",)
+
+
+class _VariableLayout(saving_lib.H5IOStore):
+    """Stands in for Keras' weights store while Keras' own saving walk visits a model: records the path and shape
+    each variable would be written under, writes and allocates nothing."""
+
+    def __init__(self):  # no file behind it
+        self.entries: Dict[str, Any] = {}
+        self._inner_path = ""
+
+    def __bool__(self):
+        return True
+
+    def make(self, path, metadata=None):
+        self._inner_path = path
+        return self
+
+    def __setitem__(self, key, value):
+        self.entries[f"{self._inner_path}/vars/{key}" if self._inner_path else f"vars/{key}"] = value
+
+    def close(self):
+        pass
+
+
+def keras_variable_layout(model: keras.Model) -> Dict[str, keras.Variable]:
+    """{path in a Keras weights file: variable} of `model`, from the walk `save_weights` itself makes (the optimizer
+    left out: its state is not the model's weights)."""
+    layout = _VariableLayout()
+    optimizer = getattr(model, "optimizer", None)
+    skip = {id(optimizer)} if optimizer is not None else set()
+    saving_lib._save_state(model, weights_store=layout, assets_store=None, inner_path="", visited_saveables=skip)
+    return layout.entries
+
+
+def _stored_shapes(h5_file) -> Dict[str, tuple]:
+    shapes: Dict[str, tuple] = {}
+
+    def visit(name, item):
+        parts = name.split("/")
+        if isinstance(item, h5py.Dataset) and len(parts) >= 2 and parts[-2] == "vars" and parts[0] != "optimizer":
+            shapes[name] = tuple(item.shape)
+
+    h5_file.visititems(visit)
+    return shapes
+
+
+def keras_store_shapes(store) -> Optional[Dict[str, tuple]]:
+    """{variable path: shape} of everything a Keras weights store holds (every shard of a sharded one), the
+    optimizer's state left out; None for a store kind this does not read (`.npz`)."""
+    if isinstance(store, saving_lib.ShardedH5IOStore):
+        shards = set()
+        for files in store.sharding_config["weight_map"].values():
+            shards.update(files if isinstance(files, list) else [files])
+        shapes: Dict[str, tuple] = {}
+        for shard in sorted(shards):
+            with h5py.File(store.path.with_name(shard), "r") as f:
+                shapes.update(_stored_shapes(f))
+        return shapes
+    if isinstance(store, saving_lib.H5IOStore):
+        return _stored_shapes(store.h5_file)
+    return None
+
+
+def _store_source(store) -> str:
+    archive = getattr(store, "archive", None)
+    if archive is not None and getattr(archive, "filename", None):
+        return os.fspath(archive.filename)
+    path = getattr(store, "path_or_io", None)
+    # load_model reads the weights of a .keras archive into memory (or a temporary folder): name them as inside it
+    return os.fspath(path) if isinstance(path, str) else KERAS_ARCHIVE_WEIGHTS
+
+
+def check_keras_weights(model: keras.Model, store, source: Optional[str] = None) -> None:
+    """The one check before a Keras weights store is loaded into `model`: every variable of the model is in the
+    store with its shape, and the store holds nothing else. Raises `KerasWeightsMismatchError` listing what is
+    missing, unexpected and mis-shaped. (Keras alone loads such files silently: a variable it finds nowhere and
+    sub-layers it never visits are skipped, and a layer that fails under one path is retried, and passes, under
+    another.)"""
+    stored = keras_store_shapes(store)
+    if stored is None:
+        return
+    names = {}
+    if isinstance(model, TFCvtPreTrainedModel):  # (builds the model if needed)
+        names = {id(variable): name for name, variable in model.canonical_weights().items()}
+    expected = keras_variable_layout(model)
+
+    def described(path: str) -> str:  # the model's weight name (transformers' PyTorch name) where it has one
+        return names.get(id(expected[path]), path)
+
+    missing = [described(p) for p in sorted(expected) if p not in stored]
+    unexpected = [p for p in sorted(stored) if p not in expected]
+    mismatched = [(described(p), tuple(v.shape), stored[p]) for p, v in sorted(expected.items())
+                  if p in stored and tuple(v.shape) != stored[p]]
+    if missing or unexpected or mismatched:
+        raise KerasWeightsMismatchError(source or _store_source(store), missing, unexpected, mismatched)
+
+
+def check_keras_weights_file(model: keras.Model, path: str) -> None:
+    """`check_keras_weights` on a `.weights.h5`, sharded `.weights.json` or `.keras` file (the weights inside);
+    other files are left to Keras."""
+    path = os.fspath(path)
+    if path.endswith(".keras"):
+        with zipfile.ZipFile(path, "r") as archive:
+            if KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
+                return
+            store = saving_lib.H5IOStore(KERAS_ARCHIVE_WEIGHTS, archive=archive, mode="r")
+            try:
+                check_keras_weights(model, store, path)
+            finally:
+                store.close()
+        return
+    if path.endswith(".weights.h5"):
+        store = saving_lib.H5IOStore(path, mode="r")
+    elif path.endswith(".weights.json"):
+        store = saving_lib.ShardedH5IOStore(path, mode="r")
+    else:
+        return
+    try:
+        check_keras_weights(model, store, path)
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -681,6 +861,14 @@ class TFCvtPreTrainedModel(keras.Model):
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 
+    def predict(self, x, *args, **kwargs):
+        """Keras' `predict`; an empty array (or input dict) gives empty outputs, where Keras' loop has no batch to
+        run and fails."""
+        images = x.get("pixel_values") if isinstance(x, Mapping) else x
+        if getattr(images, "shape", None) is not None and len(images.shape) > 0 and images.shape[0] == 0:
+            return self.predict_on_batch(x)
+        return super().predict(x, *args, **kwargs)
+
     # ---------------------------------------------------------------- weights
     def build_with_dummy_input(self) -> None:
         """Build every variable by running the smallest input the config accepts."""
@@ -706,6 +894,30 @@ class TFCvtPreTrainedModel(keras.Model):
                 raise RuntimeError(f"layer {layer.path!r} has no variable {entry.keras_leaf!r} for {entry.name}")
             weights[entry.torch_name(self.with_head)] = variable
         return weights
+
+    def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs):
+        """Keras' `load_weights`, strict: a `.weights.h5` / `.keras` file that does not hold exactly this model's
+        variables with their shapes raises `KerasWeightsMismatchError` before any variable is assigned (the model
+        keeps its weights). `skip_mismatch=True` is Keras' opt-out: the mismatch becomes a warning and what fits
+        is loaded."""
+        if not self.built:
+            self.build_with_dummy_input()
+        if skip_mismatch:
+            return super().load_weights(filepath, skip_mismatch=True, **kwargs)
+        check_keras_weights_file(self, filepath)
+        object.__setattr__(self, "_keras_weights_checked", True)  # a plain attribute, not tracked by Keras
+        try:
+            return super().load_weights(filepath, skip_mismatch=False, **kwargs)
+        finally:
+            object.__setattr__(self, "_keras_weights_checked", False)
+
+    def load_own_variables(self, store):
+        """Keras calls this on the model first, with the whole weights store, when it loads a file into it
+        (`keras.models.load_model`, `load_weights`): the whole-file check runs here, so no Keras entry point loads
+        a file that does not fit. Under `load_model` Keras reports the error in its own ValueError."""
+        if not self.__dict__.get("_keras_weights_checked"):
+            check_keras_weights(self, store)
+        super().load_own_variables(store)
 
     @classmethod
     def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
@@ -868,6 +1080,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
             logits = tf.reshape(logits, (-1, self.config.num_labels))
             valid = tf.not_equal(labels, -100)  # torch CrossEntropyLoss's default ignore_index
+            labels = self._checked_class_indices(labels, valid)
             per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.where(valid, labels, tf.zeros_like(labels)), logits=logits)
             valid = tf.cast(valid, per_sample.dtype)
@@ -878,6 +1091,22 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         if sample_weight is not None:
             valid = valid * tf.reshape(tf.cast(sample_weight, per_sample.dtype), [-1])
         return tf.math.divide_no_nan(tf.reduce_sum(per_sample * valid), tf.reduce_sum(valid))
+
+    def _checked_class_indices(self, labels, valid):
+        """`labels`, refused unless each is a class index in [0, num_labels) or the ignored -100: a ValueError
+        eagerly, an assertion with the same message inside a graph (`fit`), before the cross-entropy (which on CPU
+        fails with TensorFlow's own message, and on GPU silently gives NaN)."""
+        n = self.config.num_labels
+        bad = tf.logical_and(valid, tf.logical_or(labels < 0, labels >= n))
+        message = f"labels must be class indices in [0, num_labels={n}); got"
+        if tf.executing_eagerly():
+            if bool(tf.reduce_any(bad)):
+                raise ValueError(f"{message} {int(tf.boolean_mask(labels, bad)[0])}")
+            return labels
+        first_bad = tf.boolean_mask(labels, bad)[:1]
+        check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message, first_bad])
+        with tf.control_dependencies([check]):
+            return tf.identity(labels)
 
     # ---------------------------------------------------------------- Keras fit / evaluate / predict
     @staticmethod
