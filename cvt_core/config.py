@@ -9,6 +9,7 @@ that names the offending field instead of failing deep inside a layer.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import os
@@ -69,6 +70,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # Keys transformers writes into config.json that carry no meaning for the architecture; kept and written back.
 _PASSTHROUGH_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
+
+# Upper bounds far beyond any real CvT that stop a typo (image_size 1e9, a width of 10**7) with one line instead of
+# an out-of-memory error or a NumPy traceback deep inside a layer or the preprocessing.
+MAX_IMAGE_SIZE = 16384  # image sides, and every kernel, stride and padding (none can usefully exceed the image)
+MAX_WIDTH = 1 << 16  # channels: num_channels, embed_dim and the MLP's hidden width
+MAX_DEPTH = 1024  # blocks per stage
+MAX_LABELS = 1 << 20
 
 
 class CvtConfig:
@@ -166,6 +174,8 @@ class CvtConfig:
             n = 2 if num_labels is None else int(num_labels)
             if n < 0:
                 raise ValueError(f"num_labels must be >= 0, got {num_labels}")
+            if n > MAX_LABELS:
+                raise ValueError(f"num_labels must be at most {MAX_LABELS}, got {num_labels}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
         self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {v: k for k, v in id2label.items()}
@@ -212,7 +222,7 @@ class CvtConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first inconsistent field and its value."""
-        _check_int("num_channels", self.num_channels, minimum=1)
+        _check_int("num_channels", self.num_channels, minimum=1, maximum=MAX_WIDTH)
         for name in PER_STAGE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
@@ -226,10 +236,13 @@ class CvtConfig:
                     f"list needs one entry per stage"
                 )
         for stage in range(n):
-            for name in ("patch_sizes", "patch_stride", "embed_dim", "num_heads", "depth", "kernel_qkv", "stride_kv", "stride_q"):
-                _check_int(f"{name}[{stage}]", getattr(self, name)[stage], minimum=1)
+            for name in ("patch_sizes", "patch_stride", "kernel_qkv", "stride_kv", "stride_q"):
+                _check_int(f"{name}[{stage}]", getattr(self, name)[stage], minimum=1, maximum=MAX_IMAGE_SIZE)
             for name in ("patch_padding", "padding_kv", "padding_q"):
-                _check_int(f"{name}[{stage}]", getattr(self, name)[stage], minimum=0)
+                _check_int(f"{name}[{stage}]", getattr(self, name)[stage], minimum=0, maximum=MAX_IMAGE_SIZE)
+            for name in ("embed_dim", "num_heads"):
+                _check_int(f"{name}[{stage}]", getattr(self, name)[stage], minimum=1, maximum=MAX_WIDTH)
+            _check_int(f"depth[{stage}]", self.depth[stage], minimum=1, maximum=MAX_DEPTH)
             if self.embed_dim[stage] % self.num_heads[stage]:
                 raise ValueError(
                     f"embed_dim[{stage}]={self.embed_dim[stage]} is not divisible by num_heads[{stage}]={self.num_heads[stage]}"
@@ -239,6 +252,9 @@ class CvtConfig:
                 raise ValueError(f"mlp_ratio[{stage}] must be a positive number, got {ratio!r}")
             if self.mlp_hidden_dim(stage) < 1:
                 raise ValueError(f"mlp_ratio[{stage}]={ratio} gives an MLP of width 0 for embed_dim[{stage}]={self.embed_dim[stage]}")
+            if self.mlp_hidden_dim(stage) > MAX_WIDTH:
+                raise ValueError(f"mlp_ratio[{stage}]={ratio} gives an MLP of width {self.mlp_hidden_dim(stage)} for "
+                                 f"embed_dim[{stage}]={self.embed_dim[stage]}; the most is {MAX_WIDTH}")
             for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
                 rate = getattr(self, name)[stage]
                 if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate < 1.0):
@@ -271,7 +287,7 @@ class CvtConfig:
             if len(sizes) not in (1, 2):
                 raise ValueError(f"image_size must be an int or [height, width], got {self.image_size!r}")
             for side in sizes:
-                _check_int("image_size", side, minimum=1)
+                _check_int("image_size", side, minimum=1, maximum=MAX_IMAGE_SIZE)
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
             raise ValueError(f"initializer_range must be a non-negative number, got {self.initializer_range!r}")
 
@@ -296,13 +312,15 @@ class CvtConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], **overrides: Any) -> "CvtConfig":
+        # transformers writes many generic PretrainedConfig keys; keep only what a CvT model can use. Overrides are
+        # typed by the caller, so an unknown one is a misspelling, not a file's baggage: refuse it.
+        known = set(cls.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict"}
+        check_overrides(overrides)
         data = dict(data)
         data.update(overrides)
         model_type = data.pop("model_type", "cvt")
         if model_type != "cvt":
             raise ValueError(f"model_type={model_type!r}: this is not a CvT config (expected 'cvt')")
-        # transformers writes many generic PretrainedConfig keys; keep only what a CvT model can use.
-        known = set(cls.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict"}
         kwargs = {k: v for k, v in data.items() if k in known}
         if "num_labels" in kwargs and "id2label" in kwargs and kwargs["num_labels"] != len(kwargs["id2label"]):
             # A user override of num_labels wins over a stored label map (transformers behaves the same way).
@@ -321,6 +339,9 @@ class CvtConfig:
             raise FileNotFoundError(f"{path}: no such config file") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a config.json (binary content, e.g. a weights file); pass the folder "
+                             f"that holds config.json") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config.json must hold a JSON object")
         return cls.from_dict(data, **overrides)
@@ -371,15 +392,29 @@ class CvtConfig:
         return f"CvtConfig({self.to_json_string()})"
 
 
+def check_overrides(overrides: Dict[str, Any]) -> None:
+    """Raise `TypeError` naming keyword arguments that are no config field (with the nearest field, if any)."""
+    known = set(CvtConfig.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict", "model_type"}
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise TypeError(f"unknown config field(s) {', '.join(hints)}; known fields: {sorted(CvtConfig.field_names())}")
+
+
 def _as_list(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return list(value)
     return value  # validate() reports non-lists with the field's name
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         kind = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {kind}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")

@@ -3,7 +3,9 @@
 It computes what transformers 4.57.6's `ConvNextImageProcessor` (the processor the `microsoft/cvt-*` checkpoints
 name in their `preprocessor_config.json`) computes, with NumPy and Pillow only:
 
-1. convert to RGB (``PIL.Image.convert("RGB")`` for PIL images; grey and alpha-carrying arrays likewise);
+1. convert to RGB (``PIL.Image.convert("RGB")`` for PIL images; grey and alpha-carrying arrays likewise), after
+   scaling 16-bit and float grey PIL images (modes ``I;16*``, ``I``, ``F``) to 0..255 (see `_to_8bit` and
+   docs/preprocessing.md), which ``convert("RGB")`` alone would clip to white;
 2. resize with Pillow: if ``size["shortest_edge"] < 384`` the short side goes to ``int(shortest_edge / crop_pct)``
    (the long side to ``int(new_short * long / short)``) and a ``shortest_edge`` square is cut from the centre;
    otherwise the image is warped straight to ``shortest_edge x shortest_edge``;
@@ -39,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Pillow
 __all__ = [
     "CvtImageProcessor",
     "ImageBatch",
+    "HighBitDepthError",
     "ImageLoadError",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
@@ -469,6 +472,7 @@ def _to_rgb(item: Any, input_data_format: Optional[str], where: str) -> Union["I
     if isinstance(item, Image.Image):
         if item.mode == "RGB":
             return item
+        item = _to_8bit(item, where)
         try:
             return item.convert("RGB")
         except (ValueError, OSError) as exc:
@@ -494,9 +498,47 @@ def _load(path: Union[str, os.PathLike], where: str) -> "Image.Image":
         with Image.open(name) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
+            image = _to_8bit(image, f" ({name}){where}")
             return image.convert("RGB")
+    except HighBitDepthError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageLoadError(f"{name}: cannot read this file as an image{where} ({type(exc).__name__}: {exc})") from None
+
+
+class HighBitDepthError(ImageLoadError):
+    """A high-bit-depth image (a file or a PIL image) whose value range fits no convention this processor knows
+    (see `_to_8bit`)."""
+
+
+def _to_8bit(image: "Image.Image", where: str) -> "Image.Image":
+    """High-bit-depth grey PIL images -> mode "L", scaled to 0..255, so that ``convert("RGB")`` (which clips every
+    value above 255 to white) sees 8-bit values. Rounds to the nearest level; other modes are returned as they are.
+
+    - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (16-bit PNG, TIFF, ...): ``round(v * 255 / 65535)``, i.e. v / 257.
+    - ``I`` (32-bit integer; 16-bit PGM/PPM open so): values within 0..255 are already 8-bit and kept; else values
+      within 0..65535 are taken as 16-bit and scaled as above.
+    - ``F`` (32-bit float): values within 0..1 are scaled by 255; else within 0..255 kept; else within 0..65535
+      scaled as 16-bit.
+    Anything else (negative, above 65535, NaN) raises `HighBitDepthError`: no guess would be safe.
+    Pillow itself already reduces 16-bit RGB(A) and grey+alpha files to 8 bits (their high byte) when it opens them.
+    """
+    mode = image.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
+        raise HighBitDepthError(
+            f"cannot tell the bit depth of a mode {mode!r} image{where} with values in [{low:g}, {high:g}]: 16-bit "
+            f"(0..65535), 8-bit (0..255) and, for float images, 0..1 are understood; scale it to 8 bits yourself")
+    if mode == "F" and high <= 1:
+        scale = 255.0
+    elif not mode.startswith("I;16") and high <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8))
 
 
 def _array_to_hwc_rgb(array: np.ndarray, input_data_format: Optional[str], where: str) -> np.ndarray:

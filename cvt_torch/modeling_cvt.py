@@ -45,6 +45,24 @@ logger = logging.getLogger(__name__)
 LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1
+# F.cross_entropy's default ignore_index: a label that adds nothing to the loss (transformers' padding convention)
+IGNORE_INDEX = -100
+
+
+def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
+    """Raise `ValueError` unless every label is a class index in [0, num_labels) or `IGNORE_INDEX`, instead of an
+    IndexError on CPU. One reduction; skipped while tracing, scripting, compiling or exporting, where the values are
+    not known. On an accelerator the check is queued with the kernels (no host sync per step), so a bad label
+    surfaces as a device-side assert carrying the same message."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    invalid = ((labels < 0) | (labels >= num_labels)) & (labels != IGNORE_INDEX)
+    if labels.device.type != "cpu":
+        torch._assert_async(~invalid.any(), f"labels must be class indices in [0, num_labels={num_labels})")
+        return
+    if bool(invalid.any()):
+        bad = labels[invalid][0].item()
+        raise ValueError(f"labels must be class indices in [0, num_labels={num_labels}); got {bad}")
 
 
 # ---------------------------------------------------------------------------------------------- fast CPU kernels
@@ -933,5 +951,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
             return F.mse_loss(logits, labels)
         if problem_type == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
+            labels = labels.reshape(-1).long()
+            check_class_labels(labels, num_labels)
+            return F.cross_entropy(logits.view(-1, num_labels), labels)
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

@@ -38,7 +38,7 @@ from torch import nn
 
 from cvt_core.history import format_epoch
 
-from .modeling_cvt import register_fusable_module
+from .modeling_cvt import check_class_labels, register_fusable_module
 
 
 # --------------------------------------------------------------------------------------------------- distributed set-up
@@ -244,6 +244,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, pixel_values,
     model.train()
     with _autocast(device, autocast_dtype):
         logits = model(pixel_values).logits
+    check_class_labels(labels, logits.shape[-1])
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
