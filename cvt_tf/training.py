@@ -11,7 +11,7 @@ fine-tuning scripts want around it:
 - `warmup_cosine_schedule` and `make_optimizer`: AdamW with linear warm-up then cosine decay, no weight decay
   on biases and norm scales, the same schedule as `cvt_torch.training`;
 - `ArrayBatches`: NumPy arrays as a `keras.utils.PyDataset`, reshuffled and augmented each epoch exactly as
-  `cvt_core.datasets.iterate_batches` does for the PyTorch loop;
+  `cvt_core.batching.iterate_batches` does for the PyTorch loop;
 - `EpochLogger`: one progress line per epoch and a history with wall times.
 """
 
@@ -28,8 +28,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from cvt_core.datasets import Augmentation, epoch_order, num_batches  # noqa: E402
-from cvt_core.history import format_epoch  # noqa: E402
+from cvt_core.batching import Augmentation, epoch_order, format_epoch, num_batches  # noqa: E402
 
 from .layers import TorchBatchNormalization  # noqa: E402
 
@@ -143,7 +142,7 @@ def make_optimizer(model: keras.Model, learning_rate: float, weight_decay: float
 # ----------------------------------------------------------------------------------------------------------------- data
 class ArrayBatches(keras.utils.PyDataset):
     """(pixels, labels) NumPy arrays served in global batches, reshuffled every epoch from (seed, epoch) and
-    augmented as `cvt_core.datasets.iterate_batches` does; pass it to `fit` without `batch_size`."""
+    augmented as `cvt_core.batching.iterate_batches` does; pass it to `fit` without `batch_size`."""
 
     def __init__(self, pixels: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
                  augmentation: Optional[Augmentation] = None, drop_remainder: bool = False):

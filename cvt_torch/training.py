@@ -13,8 +13,7 @@ The model needs nothing from here: it is an ordinary `nn.Module` whose `forward(
         loss, correct = train_step(runner, optimizer, x, y, scheduler, autocast_dtype=torch.bfloat16)
     unwrap(runner).save_pretrained("out")            # BatchNorm running statistics included
 
-`python -m cvt_torch.training [cvt train options]` (also under `torchrun --nproc_per_node N`) runs
-`cvt train --framework torch`.
+`cvt train --framework torch` (also `torchrun --nproc_per_node N -m cvt_cli train ...`) drives this loop.
 
 Synchronised BatchNorm: `torch.nn.SyncBatchNorm` runs only on GPUs; on the CPU (gloo) `convert_sync_batchnorm`
 puts in `DistributedBatchNorm2d`, which computes the same global-batch statistics with differentiable
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -36,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cvt_core.history import format_epoch
+from cvt_core.batching import format_epoch
 
 from .modeling_cvt import check_class_labels, register_fusable_module
 
@@ -329,13 +327,3 @@ def train_classifier(runner: nn.Module, optimizer: torch.optim.Optimizer, schedu
             echo(format_epoch(record, epochs))
     return history
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m cvt_torch.training [options]`, alone or under `torchrun`: `cvt train --framework torch`."""
-    from conversion.train_command import main as cvt_main
-
-    return cvt_main(["train", "--framework", "torch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=2
+# the import layers of pyproject.toml ([tool.importlinter]) before the tests
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def cli(*args: str) -> Tuple[int, str, str]:
     """`cvt ARGS` in-process: (exit status, stdout, stderr)."""
-    from conversion.cli import main
+    from cvt_cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

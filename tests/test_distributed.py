@@ -164,7 +164,7 @@ def test_cvt_train_runs_ddp_under_torchrun_and_writes_one_checkpoint(tmp_path):
             pixels = np.clip(rng.normal(value, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
     out = tmp_path / "run"
-    result = run(torchrun("-m", "cvt_torch.training", "--data", str(tmp_path / "data"), "--epochs", "2",
+    result = run(torchrun("-m", "cvt_cli", "train", "--data", str(tmp_path / "data"), "--epochs", "2",
                           "--batch-size", "4", "--image-size", "16", "--sync-batchnorm", "--no-convert",
                           "--out", str(out)), cwd=str(tmp_path))
     assert "DistributedDataParallel over 2 processes (gloo), synchronised BatchNorm" in result.stdout

@@ -1,5 +1,5 @@
 """`cvt train` and `cvt predict` end to end on a tiny image folder (in-process through
-`conversion.train_command.main`), their outputs, and the one-line errors for bad datasets."""
+`cvt_cli.app.main`), their outputs, and the one-line errors for bad datasets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conversion.train_command import main  # noqa: E402
+from cvt_cli.app import main  # noqa: E402
 
 CLASSES = ("circle", "cross", "square")
 

@@ -1,4 +1,4 @@
-"""Training data (`cvt_core.datasets`): the image-folder reader and its errors, the embedded digits, the split,
+"""Training data (`cvt_cli.data`, `cvt_core.batching`): the image-folder reader and its errors, the embedded digits, the split,
 preprocessing and the mini-batches both frameworks and every process of a distributed run draw from."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvt_core.datasets import (Augmentation, DatasetError, iterate_batches, load_digits_dataset, load_image_folder,
-                               preprocess, random_translate, stratified_split)
+from cvt_cli.data import DatasetError, load_digits_dataset, load_image_folder, preprocess, stratified_split
+from cvt_core.batching import Augmentation, iterate_batches, random_translate
 from cvt_core.image_processing import CvtImageProcessor
 
 

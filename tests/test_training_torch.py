@@ -164,7 +164,7 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
 
 
 def test_python_m_entry_point_runs_cvt_train_with_the_torch_framework(monkeypatch):
-    import conversion.train_command as command
+    import cvt_cli.train as command
 
     seen = {}
     monkeypatch.setattr(command, "main", lambda argv: seen.setdefault("argv", argv) and 0)

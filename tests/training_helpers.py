@@ -9,7 +9,7 @@ from typing import Tuple
 import numpy as np
 
 from cvt_core.config import CvtConfig
-from cvt_core.datasets import load_digits_dataset, preprocess, stratified_split
+from cvt_cli.data import load_digits_dataset, preprocess, stratified_split
 from cvt_core.image_processing import CvtImageProcessor
 
 IMAGE_SIZE = 16

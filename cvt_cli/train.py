@@ -1,8 +1,7 @@
-"""`cvt train` and `cvt predict`: train or fine-tune a CvT in either framework, move it to the other one and
-prove there that it predicts the same; classify images with a trained checkpoint.
+"""`cvt train`: train or fine-tune a CvT in either framework, move it to the other one and prove there that it
+predicts the same.
 
     cvt train [--data DIR] [--framework torch|keras] [--init CHECKPOINT | --config PRESET_OR_JSON] [--epochs N] ...
-    cvt predict IMAGE... --model DIR [--framework torch|keras] [--top-k K]
 
 `cvt train` without `--data` trains on the handwritten digits that ship inside scikit-learn (1797 8x8 grey images,
 10 classes), upscaled to 32x32, with the small architecture `TINY_ARCHITECTURE`. A run directory (default
@@ -16,12 +15,10 @@ prove there that it predicts the same; classify images with a trained checkpoint
 
 and the last line printed is `validation accuracy: torch 0.98xx, keras 0.98xx; top-1 agreement 100.00% ...`.
 
-Distributed: under `torchrun --nproc_per_node N` (e.g. `torchrun --nproc_per_node 2 -m cvt_torch.training ...`)
+Distributed: under `torchrun --nproc_per_node N` (e.g. `torchrun --nproc_per_node 2 -m cvt_cli train ...`)
 the PyTorch run uses DistributedDataParallel, `--sync-batchnorm` synchronising BatchNorm; with Keras,
 `--strategy mirrored` (all local devices, or `--cpu-replicas N` logical CPU devices) or `--strategy multi-worker`
 (TF_CONFIG). `--batch-size` is always the global batch.
-
-This module provides `register(subparsers)` for the `cvt` parser and `main(argv)` (the two sub-commands alone).
 """
 
 from __future__ import annotations
@@ -38,8 +35,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .arguments import positive_float
-from .errors import ConversionError, one_line
+from .arguments import fraction, non_negative_int, positive_float, positive_int
+from conversion.errors import ConversionError, one_line
 
 # The architecture `cvt train` builds when neither --init nor --config is given: CvT-13's three-stage layout with
 # its patch sizes and strides (7/4, 3/2, 3/2), narrower and shallower for small images. At 32x32 the stages see
@@ -56,46 +53,16 @@ PLOT_NAME = "training_curve.png"
 
 
 # ============================================================================================================ arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", default=None,
                       help="image folder with one subfolder per class (default: scikit-learn's handwritten digits)")
-    data.add_argument("--val-fraction", type=_fraction, default=0.2, metavar="F",
+    data.add_argument("--val-fraction", type=fraction, default=0.2, metavar="F",
                       help="share of each class held out for validation (default 0.2)")
-    data.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+    data.add_argument("--image-size", type=positive_int, default=None, metavar="N",
                       help=f"training resolution (default {DEFAULT_IMAGE_SIZE}; with --init, the checkpoint's "
                            f"preprocessing)")
-    data.add_argument("--augment-shift", type=_non_negative_int, default=None, metavar="PIXELS",
+    data.add_argument("--augment-shift", type=non_negative_int, default=None, metavar="PIXELS",
                       help="random translation of training images by up to PIXELS (default image size / 16)")
     data.add_argument("--flip", action="store_true", help="random horizontal flips (not for digits or text)")
 
@@ -111,8 +78,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "config.json (default: a small 3-stage CvT for small images, see docs/training.md)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=15, help="passes over the training set (default 15)")
-    train.add_argument("--batch-size", type=_positive_int, default=64,
+    train.add_argument("--epochs", type=positive_int, default=15, help="passes over the training set (default 15)")
+    train.add_argument("--batch-size", type=positive_int, default=64,
                        help="global batch size, shared by all processes / replicas (default 64)")
     train.add_argument("--lr", type=positive_float, default=None,
                        help="peak learning rate of AdamW (default 2e-3 from scratch, 1e-4 with --init)")
@@ -123,7 +90,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--bf16", action="store_true",
                        help="bfloat16 mixed precision (torch.autocast / Keras mixed_bfloat16); weights stay float32")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (PyTorch only)")
-    train.add_argument("--threads", type=_non_negative_int, default=None,
+    train.add_argument("--threads", type=non_negative_int, default=None,
                        help="CPU threads per process (default: 1 for the small default model, which runs fastest "
                             "single-threaded, else the framework's choice; 0 = the framework's choice)")
 
@@ -132,7 +99,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              help="BatchNorm statistics over the global batch (SyncBatchNorm / synchronized Keras BN)")
     distributed.add_argument("--strategy", choices=("default", "mirrored", "multi-worker"), default="default",
                              help="Keras tf.distribute strategy (PyTorch: launch with torchrun instead)")
-    distributed.add_argument("--cpu-replicas", type=_positive_int, default=None, metavar="N",
+    distributed.add_argument("--cpu-replicas", type=positive_int, default=None, metavar="N",
                              help="with --strategy mirrored: split the CPU into N logical devices, one replica each")
 
     output = parser.add_argument_group("output")
@@ -145,94 +112,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint folder (config.json with id2label, weights, preprocessor_config.json)")
-    parser.add_argument("--framework", choices=FRAMEWORKS, default=None,
-                        help="framework to run (default: torch when its weights and PyTorch are available)")
-    parser.add_argument("--top-k", type=_positive_int, default=5, help="labels to show per image (default 5)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-
-
 def register(subparsers) -> None:
-    """Add `train` and `predict` to the `cvt` command's sub-parsers; each sets `args.handler(args) -> int`."""
-    train = subparsers.add_parser(
+    """Add `train` to the `cvt` command's sub-parsers."""
+    parser = subparsers.add_parser(
         "train", help="train or fine-tune a CvT on an image folder (default: digits) and check it in both frameworks",
         description="Train (or fine-tune with --init) a CvT classifier on an image folder, one subfolder per class "
                     "(default: scikit-learn's handwritten digits), in PyTorch or Keras; save it in transformers' "
                     "layout with its preprocessing, convert it to the other framework and evaluate it there.")
-    add_train_arguments(train)
-    train.set_defaults(handler=train_handler)
-    predict = subparsers.add_parser(
-        "predict", help="classify images with a trained checkpoint",
-        description="Print the top-k labels and probabilities of each image, preprocessed as the checkpoint's "
-                    "preprocessor_config.json says.")
-    add_predict_arguments(predict)
-    predict.set_defaults(handler=predict_handler)
+    add_train_arguments(parser)
+    parser.set_defaults(run=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvt", description="CvT training and prediction")
-    register(parser.add_subparsers(dest="command", metavar="{train,predict}"))
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`train` / `predict` alone (what `cvt train` / `cvt predict` run); returns the exit status: 0 success,
-    2 a usage or input error (one line `cvt: error: ...` on stderr), 130 interrupted."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
-    return args.handler(args)
-
-
-def _error(message: str) -> None:
-    sys.stdout.flush()
-    print(f"cvt: error: {one_line(message)}", file=sys.stderr)
-    sys.stderr.flush()
-
-
-def _handle(work: Callable[[], Any]) -> int:
-    from cvt_core.checkpoint import CheckpointError
-    from cvt_core.datasets import DatasetError
-    from cvt_core.weights import WeightLoadError
-
-    from . import progress
-    from .errors import CrossCheckFailed, describe
-
-    try:
-        work()
-        return 0
-    except (ConversionError, DatasetError) as exc:
-        _error(str(exc))
-        return 2
-    except CrossCheckFailed:
-        return 1
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
-    except (OSError, CheckpointError, WeightLoadError) as exc:
-        _error(str(describe(exc, getattr(exc, "filename", None))))
-        return 2
-    finally:
-        progress.set_enabled(True)
-
-
-def train_handler(args) -> int:
-    from . import progress
-
-    progress.set_enabled(not args.quiet)
-    return _handle(lambda: train(args))
-
-
-def predict_handler(args) -> int:
-    from . import progress
-
-    progress.set_enabled(not args.quiet)
-    return _handle(lambda: predict(args))
+def run(args) -> int:
+    train(args)
+    return 0
 
 
 # ============================================================================================================= training
@@ -268,7 +161,7 @@ RUN_CHECKPOINT_DIRS = (CHECKPOINT_DIR, *(f"converted-{name}" for name in FRAMEWO
 def _foreign_in_run_folder(path: str) -> List[str]:
     """What in an existing --out folder a run did not write: anything but checkpoint/ and converted-*/ (holding
     checkpoint files), training_curve.png and report.json."""
-    from .atomic import foreign_in_checkpoint
+    from conversion.atomic import foreign_in_checkpoint
 
     foreign = []
     for name in sorted(os.listdir(path)):
@@ -292,7 +185,7 @@ def _showing_final(echo: Callable[[str], None], tmp: str, final: str) -> Callabl
 
 
 def _load_dataset(args):
-    from cvt_core.datasets import load_digits_dataset, load_image_folder
+    from .data import load_digits_dataset, load_image_folder
 
     return load_image_folder(args.data) if args.data else load_digits_dataset()
 
@@ -314,7 +207,7 @@ def _resolve_config(args, dataset, image_size: int):
     if args.init:
         return _init_config(args.init).copy(image_size=image_size, **labels)
     if args.config:
-        from .formats import load_config_arg
+        from conversion.formats import load_config_arg
 
         base, _ = load_config_arg(args.config)
         return base.copy(image_size=image_size, **labels)
@@ -338,7 +231,7 @@ def _make_processor(args):
 
 
 def _prepare_data(args, echo) -> PreparedData:
-    from cvt_core.datasets import preprocess, stratified_split
+    from .data import preprocess, stratified_split
 
     dataset = _load_dataset(args)
     processor = _make_processor(args)
@@ -368,7 +261,7 @@ def _threads(args, config) -> int:
 
 
 def _schedule(args, num_train: int):
-    from cvt_core.datasets import num_batches
+    from cvt_core.batching import num_batches
 
     steps_per_epoch = num_batches(num_train, args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -381,7 +274,7 @@ def _learning_rate(args) -> float:
 
 
 def _augmentation(args, image_size: int):
-    from cvt_core.datasets import Augmentation
+    from cvt_core.batching import Augmentation
 
     shift = args.augment_shift if args.augment_shift is not None else max(image_size // 16, 0)
     return Augmentation(max_shift=shift, horizontal_flip=bool(args.flip))
@@ -389,7 +282,7 @@ def _augmentation(args, image_size: int):
 
 def _progress_bar(enabled: bool):
     """A tqdm wrapper for batch iterables on an interactive stderr, or None."""
-    from . import progress
+    from conversion import progress
 
     if not enabled or not progress.enabled():
         return None
@@ -426,7 +319,7 @@ def _train_torch(args, config, data: PreparedData, run_dir: Optional[str], echo)
 def _run_torch_training(args, config, data: PreparedData, run_dir: Optional[str], context, say) -> Dict[str, Any]:
     import torch
 
-    from cvt_core.datasets import iterate_batches
+    from cvt_core.batching import iterate_batches
     from cvt_torch import CvtForImageClassification
     from cvt_torch import training as tt
 
@@ -473,7 +366,7 @@ def _run_torch_training(args, config, data: PreparedData, run_dir: Optional[str]
 def _train_keras(args, config, data: PreparedData, run_dir: Optional[str], echo) -> Dict[str, Any]:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from .models import import_keras_models
+    from conversion.models import import_keras_models
 
     keras, _, TFCvtForImageClassification = import_keras_models()
     import tensorflow as tf
@@ -548,7 +441,7 @@ def _logits_in(framework: str, directory: str, pixels: np.ndarray) -> np.ndarray
         from cvt_torch.training import predict_logits
 
         return predict_logits(CvtForImageClassification.from_pretrained(directory), pixels)
-    from .keras_native import KERAS_MODEL_NAME, load_keras_model_file
+    from conversion.keras_native import KERAS_MODEL_NAME, load_keras_model_file
     from cvt_tf.training import predict_logits
 
     return predict_logits(load_keras_model_file(os.path.join(directory, KERAS_MODEL_NAME)), pixels)
@@ -558,7 +451,7 @@ def _convert_and_evaluate(framework: str, checkpoint: str, run_dir: str, data: P
                           reference_logits: np.ndarray, echo) -> Dict[str, Any]:
     from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME
 
-    from .pipeline import convert
+    from conversion.pipeline import convert
 
     other = OTHER[framework]
     destination = os.path.join(run_dir, f"converted-{other}")
@@ -609,7 +502,7 @@ def _check_options(args) -> None:
         raise ConversionError(None, "--compile applies to --framework torch only")
     if args.strategy != "default" and args.framework != "keras":
         raise ConversionError(None, "--strategy applies to --framework keras; run PyTorch distributed with torchrun "
-                                    "(e.g. torchrun --nproc_per_node 2 -m cvt_torch.training ...)")
+                                    "(e.g. torchrun --nproc_per_node 2 -m cvt_cli train ...)")
     if args.cpu_replicas and args.strategy != "mirrored":
         raise ConversionError(None, "--cpu-replicas needs --strategy mirrored")
     if args.init and not os.path.isdir(args.init):
@@ -626,7 +519,7 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
 
     from cvt_core.weights import count_parameters
 
-    from .atomic import atomic_directory, check_destination
+    from conversion.atomic import atomic_directory, check_destination
 
     started = time.perf_counter()
     _check_options(args)
@@ -665,7 +558,7 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
                  f"images, largest logit difference {report['max_abs_logit_difference']:.1e})")
     say(line)
     if report["conversion_failed"]:
-        from .errors import CrossCheckFailed
+        from conversion.errors import CrossCheckFailed
 
         say(f"conversion to {OTHER[args.framework]} FAILED: {report['conversion_failed']}; the trained checkpoint "
             f"is kept in {report['files']['checkpoint']}")
@@ -677,7 +570,7 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
                 started: float, say) -> Dict[str, Any]:
     """Convert and evaluate in the other framework, plot and write report.json into `run_dir` (the temporary
     folder); returns the report, whose paths name the final folder `out`."""
-    from cvt_core.history import plot_history
+    from .plot import plot_history
     from cvt_core.weights import count_parameters
 
     def final(path: Optional[str]) -> Optional[str]:
@@ -690,7 +583,7 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
     conversion = None
     conversion_failed = None
     if not args.no_convert:
-        from .errors import CrossCheckFailed
+        from conversion.errors import CrossCheckFailed
 
         try:
             conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
@@ -736,146 +629,3 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
         json.dump(report, f, indent=2)
         f.write("\n")
     return report
-
-
-# =========================================================================================================== prediction
-def _load_for_prediction(directory: str, framework: Optional[str]):
-    """(framework, model, config) for `cvt predict`."""
-    from cvt_core.checkpoint import CONFIG_NAME, pretrained_weights_file
-
-    from .formats import formats_in_directory, read_config_file, read_target
-
-    if not os.path.isdir(directory):
-        raise ConversionError(directory, "no such checkpoint folder")
-    config = read_config_file(os.path.join(directory, CONFIG_NAME))
-    pretrained = pretrained_weights_file(directory) is not None  # both models' from_pretrained can load it
-    if framework is None:
-        framework = "torch" if pretrained and _importable("torch") else "keras"
-    if framework == "torch":
-        if not pretrained:
-            raise ConversionError(directory, "holds no weights PyTorch can load (model.safetensors, pytorch_model.bin, "
-                                             "tf_model.h5); use --framework keras or convert it with "
-                                             "`cvt convert DIR OUT --to torch`")
-        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
-        from cvt_torch import CvtForImageClassification
-
-        return "torch", CvtForImageClassification.from_pretrained(directory), config
-    from .models import import_keras_models
-
-    _, _, TFCvtForImageClassification = import_keras_models()
-    if pretrained:
-        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
-        return "keras", TFCvtForImageClassification.from_pretrained(directory), config
-    found = formats_in_directory(directory)
-    if not found:
-        raise ConversionError(directory, "holds no weights (model.safetensors, pytorch_model.bin, tf_model.h5, "
-                                         "model.weights.h5, model.keras)")
-    label, path = found[-1] if found[-1][1].endswith(".keras") else found[0]
-    if not path.endswith(".keras"):
-        _refuse_without_classifier(directory, config, path)
-        return "keras", read_target(label, path, config, True)[1], config
-    model = read_target(label, path, config, True)[1]  # a .keras file says itself what it holds; nothing is made up
-    _refuse_without_classifier(directory, model.config, None if model.with_head else path)
-    return "keras", model, config
-
-
-def _refuse_without_classifier(directory: str, config, weights: Optional[str]) -> None:
-    """Stop `cvt predict` before a checkpoint without a classifier gets a random head (or, with num_labels=0, the
-    pooled features) whose top-k would mean nothing. `weights` is the file the model is read from; None: it is known
-    to hold no head."""
-    reason = None
-    if config.num_labels == 0:
-        reason = "num_labels=0 in its config.json"
-    elif weights is None or not _weights_have_classifier(weights, config):
-        reason = f"{os.path.basename(weights) if weights else 'its model'} holds a bare CvtModel, no classifier weights"
-    if reason:
-        raise ConversionError(None, f"{directory} has no classifier ({reason}); predict needs an image-classification "
-                                    f"checkpoint")
-
-
-def _weights_have_classifier(path: str, config) -> bool:
-    """Whether a weights file holds the classification head, from its tensor names only (no model is built)."""
-    from cvt_core.checkpoint import KERAS_WEIGHTS_NAME, TF_WEIGHTS_NAME
-    from cvt_core.weights import BACKBONE_PREFIX
-
-    from .formats import open_torch_weights
-    from .hf_tf_h5 import read_tf_h5
-    from .keras_native import weights_file_has_head
-
-    name = os.path.basename(path)
-    if name == KERAS_WEIGHTS_NAME:
-        try:
-            return weights_file_has_head(path)
-        except OSError:
-            return True  # unreadable: let the loader report it in its own words
-    if name == TF_WEIGHTS_NAME:
-        state = read_tf_h5(path, config)
-        try:
-            return state.with_head
-        finally:
-            state.close()
-    tensors = open_torch_weights(path)
-    try:
-        # transformers' rule, as from_pretrained applies it: a classifier's backbone weights carry the `cvt.` prefix
-        return any(key.startswith(BACKBONE_PREFIX) for key in tensors.shapes)
-    finally:
-        if tensors.closer is not None:
-            tensors.closer()
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, np.float64)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def predict(args, echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """The work of `cvt predict`: for each image, its top-k (label, probability); printed and returned."""
-    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor, ImageLoadError
-
-    directory = args.model
-    framework, model, config = _load_for_prediction(directory, args.framework)
-    if os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG_NAME)):
-        processor = CvtImageProcessor.from_pretrained(directory)
-    else:
-        processor = CvtImageProcessor.for_config(config)
-        echo(f"note: {directory} has no {PREPROCESSOR_CONFIG_NAME}; using the released checkpoints' preprocessing "
-             f"at {processor.size['shortest_edge']}")
-    try:
-        pixels = processor(list(args.images))["pixel_values"]
-    except FileNotFoundError as exc:
-        raise ConversionError(None, one_line(str(exc))) from None
-    except ImageLoadError as exc:
-        raise ConversionError(None, one_line(str(exc))) from None
-    if framework == "torch":
-        from cvt_torch.training import predict_logits as torch_logits
-
-        logits = torch_logits(model, pixels)
-    else:
-        from cvt_tf.training import predict_logits as keras_logits
-
-        logits = keras_logits(model, pixels)
-    probabilities = _softmax(logits)
-    k = min(args.top_k, probabilities.shape[1])
-    results = []
-    width = max(len(config.id2label.get(i, str(i))) for i in range(probabilities.shape[1]))
-    echo(f"{directory} ({framework}, {config.num_labels} classes)")
-    for path, row in zip(args.images, probabilities):
-        top = np.argsort(-row, kind="stable")[:k]
-        entries = [{"label": config.id2label.get(int(i), str(int(i))), "index": int(i), "probability": float(row[i])}
-                   for i in top]
-        results.append({"image": path, "top_k": entries})
-        echo(path)
-        for rank, entry in enumerate(entries, 1):
-            echo(f"  {rank}. {entry['label']:<{width}}  {entry['probability']:.4f}")
-    return results
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

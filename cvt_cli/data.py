@@ -1,25 +1,18 @@
-"""Framework-neutral training data: an image-folder dataset, the handwritten digits of scikit-learn, splits,
-preprocessing through `CvtImageProcessor` and NumPy mini-batches.
-
-Both training back ends (`cvt_torch.training`, `cvt_tf.training`) and the `cvt train` command read their data
-from here, so a run in either framework sees the same images, the same split and the same preprocessing.
+"""The training data of `cvt train`: an image-folder dataset, the handwritten digits of scikit-learn, the
+stratified split and preprocessing through `CvtImageProcessor`, so a run in either framework sees the same images,
+the same split and the same preprocessing (the batches come from `cvt_core.batching`).
 
     dataset = load_image_folder("flowers/")          # one subfolder per class
     dataset = load_digits_dataset()                  # 1797 8x8 grey digits, 10 classes
     train_idx, val_idx = stratified_split(dataset.labels, val_fraction=0.2, seed=0)
-    processor = CvtImageProcessor(size=32, crop_pct=1.0)
-    pixels = preprocess(dataset, processor)          # (N, 3, 32, 32) float32
-    for x, y in iterate_batches(pixels[train_idx], dataset.labels[train_idx], 64, shuffle=True, seed=0, epoch=0):
-        ...
-
-Nothing here imports PyTorch or TensorFlow.
+    pixels = preprocess(dataset, CvtImageProcessor(size=32, crop_pct=1.0))   # (N, 3, 32, 32) float32
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -150,7 +143,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 
 def digits_processor(image_size: int = 32):
     """The preprocessing of the digits runs: a plain bicubic resize of the whole image to `image_size` (crop_pct 1
     keeps it all), ImageNet mean/std, as stored in the checkpoint's preprocessor_config.json."""
-    from .image_processing import CvtImageProcessor
+    from cvt_core.image_processing import CvtImageProcessor
 
     return CvtImageProcessor(size=image_size, crop_pct=1.0)
 
@@ -162,7 +155,7 @@ def preprocess(dataset: ImageDataset, processor, chunk: int = 256,
     An image that cannot be read raises `DatasetError` naming the file. `progress(done, total)` is called after
     each chunk.
     """
-    from .image_processing import ImageLoadError
+    from cvt_core.image_processing import ImageLoadError
 
     out = []
     total = len(dataset)
@@ -182,89 +175,3 @@ def preprocess(dataset: ImageDataset, processor, chunk: int = 256,
     if not out:
         raise DatasetError(f"{dataset.source}: holds no images")
     return np.concatenate(out).astype(np.float32, copy=False)
-
-
-# ------------------------------------------------------------------------------------------------ batches
-def random_translate(pixels: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Shift each NCHW image by a random whole number of pixels in [-max_shift, max_shift] along each axis,
-    filling the uncovered border with the image's own edge pixels (light augmentation for small images)."""
-    if max_shift <= 0:
-        return pixels
-    n, _, height, width = pixels.shape
-    padded = np.pad(pixels, ((0, 0), (0, 0), (max_shift, max_shift), (max_shift, max_shift)), mode="edge")
-    offsets = rng.integers(0, 2 * max_shift + 1, size=(n, 2))
-    out = np.empty_like(pixels)
-    for i, (dy, dx) in enumerate(offsets):
-        out[i] = padded[i, :, dy:dy + height, dx:dx + width]
-    return out
-
-
-def random_horizontal_flip(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirror a random half of the NCHW images left-right."""
-    flip = rng.random(len(pixels)) < 0.5
-    out = pixels.copy()
-    out[flip] = out[flip, :, :, ::-1]
-    return out
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Light augmentation of training batches: random translation by up to `max_shift` pixels and, optionally,
-    random horizontal flips (off for digits, which flipping would change)."""
-
-    max_shift: int = 0
-    horizontal_flip: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_shift > 0 or self.horizontal_flip
-
-    def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.max_shift > 0:
-            pixels = random_translate(pixels, self.max_shift, rng)
-        if self.horizontal_flip:
-            pixels = random_horizontal_flip(pixels, rng)
-        return pixels
-
-
-def epoch_order(num_samples: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: a permutation drawn from (seed, epoch), the same in every process of a
-    distributed run, or 0..N-1 without shuffling."""
-    if not shuffle:
-        return np.arange(num_samples)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
-def num_batches(num_samples: int, batch_size: int, drop_remainder: bool = False) -> int:
-    return num_samples // batch_size if drop_remainder else -(-num_samples // batch_size)
-
-
-def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, augmentation: Optional[Augmentation] = None, drop_remainder: bool = False,
-                    rank: int = 0, world_size: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """NumPy mini-batches (pixels, labels) of one epoch.
-
-    `batch_size` is the global batch. With `world_size > 1` each process gets its contiguous share of every global
-    batch (rank r of W takes rows [r*B/W, (r+1)*B/W)), so W processes together see exactly the batches one process
-    would; the global batch must then divide by W, and a short last batch is dropped. Augmentation draws from
-    (seed, epoch, batch index), so it is identical across processes and reproducible.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if world_size > 1:
-        if batch_size % world_size:
-            raise ValueError(f"the global batch size {batch_size} must divide by the number of processes {world_size}")
-        drop_remainder = True
-    order = epoch_order(len(pixels), shuffle, seed, epoch)
-    share = batch_size // world_size
-    for index in range(num_batches(len(order), batch_size, drop_remainder)):
-        rows = order[index * batch_size:(index + 1) * batch_size]
-        if augmentation is not None and augmentation.enabled:
-            batch = augmentation(pixels[rows], np.random.default_rng([seed, epoch, index, 1]))
-        else:
-            batch = pixels[rows]
-        batch_labels = labels[rows]
-        if world_size > 1:
-            batch = batch[rank * share:(rank + 1) * share]
-            batch_labels = batch_labels[rank * share:(rank + 1) * share]
-        yield np.ascontiguousarray(batch, dtype=np.float32), np.asarray(batch_labels, np.int64)

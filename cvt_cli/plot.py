@@ -1,24 +1,8 @@
-"""Training history shared by both back ends: the per-epoch record, its one-line progress report and the
-training-curve plot, so that a PyTorch run and a Keras run print and draw the same way."""
+"""The training-curve plot of `cvt train`: loss and accuracy per epoch (matplotlib, drawn off-screen)."""
 
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
-
-METRICS = (("train_loss", "loss"), ("train_accuracy", "acc"), ("val_loss", "val_loss"), ("val_accuracy", "val_acc"))
-
-
-def format_epoch(record: Dict[str, float], epochs: int) -> str:
-    """`epoch  3/30  loss 0.4120  acc 0.8710  val_loss 0.3012  val_acc 0.9111  lr 1.9e-03  (2.1 s)`."""
-    parts = [f"epoch {int(record['epoch']):>{len(str(epochs))}}/{epochs}"]
-    for key, label in METRICS:
-        if record.get(key) is not None:
-            parts.append(f"{label} {record[key]:.4f}")
-    if record.get("learning_rate") is not None:
-        parts.append(f"lr {record['learning_rate']:.2e}")
-    parts.append(f"({record['seconds']:.1f} s)")
-    return "  ".join(parts)
-
 
 def plot_history(history: Sequence[Dict[str, float]], path: str, title: str = "") -> str:
     """Loss (left) and accuracy (right) per epoch, training and validation, as a PNG at `path`. Needs matplotlib

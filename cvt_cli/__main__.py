@@ -1,0 +1,7 @@
+"""`python -m cvt_cli ...` is the `cvt` command."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""The `cvt` command (also `python -m cvt_cli`): the one parser and the one mapping from errors to exit codes.
+
+    cvt convert SRC DST [--from ...] [--to torch|hf-tf|keras|all] [--config PRESET_OR_JSON] [--dtype ...] [--force]
+    cvt verify DIR
+    cvt demo [--preset cvt-13] [--out DIR]
+    cvt train [--data DIR] [--framework torch|keras] ...
+    cvt predict IMAGE... --model DIR
+
+Each command is a module of this package with `register(subparsers)`, which sets `args.run(args) -> int`.
+Exit status: 0 success; 1 a cross-check found outputs beyond tolerance (nothing is written); 2 a usage or input
+error, reported as one line `cvt: error: <file>: <problem>` on stderr; 130 interrupted (Ctrl-C / SIGTERM), with
+every temporary file removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from conversion import progress
+from conversion.errors import ConversionError, CrossCheckFailed, describe, one_line
+from cvt_core.checkpoint import CheckpointError
+from cvt_core.weights import WeightLoadError
+
+from . import convert, demo, predict, train, verify
+from .data import DatasetError
+
+PROG = "cvt"
+COMMANDS = (convert, verify, demo, train, predict)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as the one-line `cvt: error: ...` with status 2."""
+
+    def error(self, message: str):  # argparse's hook
+        raise ConversionError(None, one_line(message) + f" (see `{PROG} {self._sub_name()}--help`)")
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()
+        return (parts[1] + " ") if len(parts) > 1 else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="CvT in PyTorch and Keras 3: checkpoints between transformers PyTorch, "
+                                            "transformers TF, Keras 3 and the original microsoft/CvT format with a "
+                                            "cross-check that both frameworks compute the same outputs; training and "
+                                            "prediction in either framework.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser,
+                                metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1] for c in COMMANDS) + "}")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of `cvt`; returns the exit status."""
+    parser = build_parser()
+    previous = None
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        progress.set_enabled(not args.quiet)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread
+            previous = None
+        return int(args.run(args))
+    except (ConversionError, DatasetError) as exc:
+        _error(str(exc))
+        return 2
+    except CrossCheckFailed:
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return 130
+    except (OSError, CheckpointError, WeightLoadError) as exc:  # user-caused problems without a more specific message
+        _error(str(describe(exc, getattr(exc, "filename", None))))
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        progress.set_enabled(True)
+
+
+def _error(message: str) -> None:
+    sys.stdout.flush()
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
+    sys.stderr.flush()

@@ -1,0 +1,179 @@
+"""`cvt predict IMAGE... --model DIR [--framework torch|keras] [--top-k K]`: the top-k labels of each image, from a
+checkpoint folder with a classifier, preprocessed as its preprocessor_config.json says."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from conversion.errors import ConversionError, one_line
+
+from .arguments import positive_int
+from .train import FRAMEWORKS
+
+
+def register(subparsers) -> None:
+    """Add `predict` to the `cvt` command's sub-parsers."""
+    parser = subparsers.add_parser(
+        "predict", help="classify images with a trained checkpoint",
+        description="Print the top-k labels and probabilities of each image, preprocessed as the checkpoint's "
+                    "preprocessor_config.json says.")
+    add_predict_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="checkpoint folder (config.json with id2label, weights, preprocessor_config.json)")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default=None,
+                        help="framework to run (default: torch when its weights and PyTorch are available)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="labels to show per image (default 5)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    predict(args)
+    return 0
+
+
+def _load_for_prediction(directory: str, framework: Optional[str]):
+    """(framework, model, config) for `cvt predict`."""
+    from cvt_core.checkpoint import CONFIG_NAME, pretrained_weights_file
+
+    from conversion.formats import formats_in_directory, read_config_file, read_target
+
+    if not os.path.isdir(directory):
+        raise ConversionError(directory, "no such checkpoint folder")
+    config = read_config_file(os.path.join(directory, CONFIG_NAME))
+    pretrained = pretrained_weights_file(directory) is not None  # both models' from_pretrained can load it
+    if framework is None:
+        framework = "torch" if pretrained and _importable("torch") else "keras"
+    if framework == "torch":
+        if not pretrained:
+            raise ConversionError(directory, "holds no weights PyTorch can load (model.safetensors, pytorch_model.bin, "
+                                             "tf_model.h5); use --framework keras or convert it with "
+                                             "`cvt convert DIR OUT --to torch`")
+        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
+        from cvt_torch import CvtForImageClassification
+
+        return "torch", CvtForImageClassification.from_pretrained(directory), config
+    from conversion.models import import_keras_models
+
+    _, _, TFCvtForImageClassification = import_keras_models()
+    if pretrained:
+        _refuse_without_classifier(directory, config, pretrained_weights_file(directory))
+        return "keras", TFCvtForImageClassification.from_pretrained(directory), config
+    found = formats_in_directory(directory)
+    if not found:
+        raise ConversionError(directory, "holds no weights (model.safetensors, pytorch_model.bin, tf_model.h5, "
+                                         "model.weights.h5, model.keras)")
+    label, path = found[-1] if found[-1][1].endswith(".keras") else found[0]
+    if not path.endswith(".keras"):
+        _refuse_without_classifier(directory, config, path)
+        return "keras", read_target(label, path, config, True)[1], config
+    model = read_target(label, path, config, True)[1]  # a .keras file says itself what it holds; nothing is made up
+    _refuse_without_classifier(directory, model.config, None if model.with_head else path)
+    return "keras", model, config
+
+
+def _refuse_without_classifier(directory: str, config, weights: Optional[str]) -> None:
+    """Stop `cvt predict` before a checkpoint without a classifier gets a random head (or, with num_labels=0, the
+    pooled features) whose top-k would mean nothing. `weights` is the file the model is read from; None: it is known
+    to hold no head."""
+    reason = None
+    if config.num_labels == 0:
+        reason = "num_labels=0 in its config.json"
+    elif weights is None or not _weights_have_classifier(weights, config):
+        reason = f"{os.path.basename(weights) if weights else 'its model'} holds a bare CvtModel, no classifier weights"
+    if reason:
+        raise ConversionError(None, f"{directory} has no classifier ({reason}); predict needs an image-classification "
+                                    f"checkpoint")
+
+
+def _weights_have_classifier(path: str, config) -> bool:
+    """Whether a weights file holds the classification head, from its tensor names only (no model is built)."""
+    from cvt_core.checkpoint import KERAS_WEIGHTS_NAME, TF_WEIGHTS_NAME
+    from cvt_core.weights import BACKBONE_PREFIX
+
+    from conversion.formats import open_torch_weights
+    from conversion.hf_tf_h5 import read_tf_h5
+    from conversion.keras_native import weights_file_has_head
+
+    name = os.path.basename(path)
+    if name == KERAS_WEIGHTS_NAME:
+        try:
+            return weights_file_has_head(path)
+        except OSError:
+            return True  # unreadable: let the loader report it in its own words
+    if name == TF_WEIGHTS_NAME:
+        state = read_tf_h5(path, config)
+        try:
+            return state.with_head
+        finally:
+            state.close()
+    tensors = open_torch_weights(path)
+    try:
+        # transformers' rule, as from_pretrained applies it: a classifier's backbone weights carry the `cvt.` prefix
+        return any(key.startswith(BACKBONE_PREFIX) for key in tensors.shapes)
+    finally:
+        if tensors.closer is not None:
+            tensors.closer()
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def predict(args, echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """The work of `cvt predict`: for each image, its top-k (label, probability); printed and returned."""
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor, ImageLoadError
+
+    directory = args.model
+    framework, model, config = _load_for_prediction(directory, args.framework)
+    if os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG_NAME)):
+        processor = CvtImageProcessor.from_pretrained(directory)
+    else:
+        processor = CvtImageProcessor.for_config(config)
+        echo(f"note: {directory} has no {PREPROCESSOR_CONFIG_NAME}; using the released checkpoints' preprocessing "
+             f"at {processor.size['shortest_edge']}")
+    try:
+        pixels = processor(list(args.images))["pixel_values"]
+    except FileNotFoundError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
+    except ImageLoadError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
+    if framework == "torch":
+        from cvt_torch.training import predict_logits as torch_logits
+
+        logits = torch_logits(model, pixels)
+    else:
+        from cvt_tf.training import predict_logits as keras_logits
+
+        logits = keras_logits(model, pixels)
+    probabilities = _softmax(logits)
+    k = min(args.top_k, probabilities.shape[1])
+    results = []
+    width = max(len(config.id2label.get(i, str(i))) for i in range(probabilities.shape[1]))
+    echo(f"{directory} ({framework}, {config.num_labels} classes)")
+    for path, row in zip(args.images, probabilities):
+        top = np.argsort(-row, kind="stable")[:k]
+        entries = [{"label": config.id2label.get(int(i), str(int(i))), "index": int(i), "probability": float(row[i])}
+                   for i in top]
+        results.append({"image": path, "top_k": entries})
+        echo(path)
+        for rank, entry in enumerate(entries, 1):
+            echo(f"  {rank}. {entry['label']:<{width}}  {entry['probability']:.4f}")
+    return results
+
