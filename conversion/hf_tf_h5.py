@@ -19,19 +19,19 @@ BatchNorm statistics travel both ways: PyTorch running_mean/var <-> TF moving_me
 (transformers itself drops them TF -> PT). `num_batches_tracked` has no TF twin: it is not written, and reads
 back as 0.
 
-Reading matches names like transformers' loader does: the name minus its first '/' component (names without '/'
--- the cls token -- as they are).
+Reading goes through `cvt_core.tf_h5` (the one reader of the format, also behind `from_pretrained`); names match
+as transformers' loader matches them.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cvt_core.checkpoint import TF_WEIGHTS_NAME
+from cvt_core.checkpoint import TF_WEIGHTS_NAME, CheckpointError
 from cvt_core.config import CvtConfig
+from cvt_core.tf_h5 import h5py_module, open_tf_h5
 from cvt_core.weights import WeightEntry, weight_table
 
 from .errors import ConversionError
@@ -54,14 +54,6 @@ def _keras_version() -> str:
         return DEFAULT_KERAS_VERSION
 
 
-def _h5py():
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - h5py is a dependency of the tf extra
-        raise ConversionError(TF_WEIGHTS_NAME, "reading or writing it needs h5py (pip install h5py)") from None
-    return h5py
-
-
 def save_attributes_to_hdf5_group(group, name: str, data: List[bytes]) -> None:
     """tf_keras' `save_attributes_to_hdf5_group`: one attribute, or `name0`, `name1`, ... chunks under 64 KiB."""
     bad = [x for x in data if len(x) > HDF5_OBJECT_HEADER_LIMIT]
@@ -78,21 +70,6 @@ def save_attributes_to_hdf5_group(group, name: str, data: List[bytes]) -> None:
             group.attrs["%s%d" % (name, chunk_id)] = chunk
     else:
         group.attrs[name] = data
-
-
-def load_attributes_from_hdf5_group(group, name: str) -> List[str]:
-    """Inverse of `save_attributes_to_hdf5_group`."""
-    def _decode(values) -> List[str]:
-        return [v.decode("utf8") if hasattr(v, "decode") else str(v) for v in values]
-
-    if name in group.attrs:
-        return _decode(group.attrs[name])
-    out: List[str] = []
-    chunk_id = 0
-    while "%s%d" % (name, chunk_id) in group.attrs:
-        out.extend(_decode(group.attrs["%s%d" % (name, chunk_id)]))
-        chunk_id += 1
-    return out
 
 
 def _group_of(entry: WeightEntry) -> str:
@@ -119,7 +96,7 @@ def layout(config: CvtConfig, with_head: bool) -> Tuple[List[str], Dict[str, Lis
 
 def write_tf_h5(state: CanonicalState, path: str) -> str:
     """Write `state` as transformers' `tf_model.h5` at `path` (the caller makes the folder atomic)."""
-    h5py = _h5py()
+    h5py = h5py_module(path)
     scope = SCOPES[state.with_head]
     layer_names, groups = layout(state.config, state.with_head)
     total = sum(len(v) for v in groups.values())
@@ -153,79 +130,17 @@ def write_tf_h5(state: CanonicalState, path: str) -> str:
     return path
 
 
-def _strip_scope(name: str) -> str:
-    return "/".join(name.split("/")[1:]) if "/" in name else name
-
-
 def read_tf_h5(path: str, config: CvtConfig, with_head: Optional[bool] = None) -> CanonicalState:
     """Read a `tf_model.h5` (ours or transformers') into a canonical state, checked against `config`."""
-    h5py = _h5py()
-    if not os.path.exists(path):
-        raise ConversionError(path, "no such file")
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ConversionError(path, f"not a readable HDF5 file (truncated or corrupt: {_h5_reason(exc)})") from None
+        weights = open_tf_h5(path, config, with_head)
+    except CheckpointError as exc:
+        raise ConversionError(None, str(exc)) from None
     try:
-        if "layer_names" not in f.attrs and "layer_names0" not in f.attrs:
-            if "vars" in f or "layers" in f or any(k in f for k in ("cvt", "classifier")):
-                raise ConversionError(path, "this is a Keras 3 weights file (model.weights.h5), not transformers' "
-                                            "tf_model.h5; use --from keras")
-            raise ConversionError(path, "not a transformers tf_model.h5 (no layer_names attribute)")
-        layer_names = load_attributes_from_hdf5_group(f, "layer_names")
-        if with_head is None:
-            with_head = any(n != "cvt" for n in layer_names)
-        by_path = {e.keras_path() + ":0": e for e in weight_table(config, with_head) if e.has_keras_twin}
-        datasets: Dict[str, object] = {}  # torch name (or raw h5 name when unknown) -> h5 dataset
-        shapes: Dict[str, tuple] = {}
-        dtypes: Dict[str, np.dtype] = {}
-        for layer in layer_names:
-            if layer not in f:
-                raise ConversionError(path, f"truncated or corrupt: layer group {layer!r} listed in layer_names is missing")
-            group = f[layer]
-            for weight_name in load_attributes_from_hdf5_group(group, "weight_names"):
-                if weight_name not in group:
-                    raise ConversionError(path, f"truncated or corrupt: dataset {layer}/{weight_name} is missing")
-                dataset = group[weight_name]
-                entry = by_path.get(_strip_scope(weight_name))
-                if entry is None:
-                    key = weight_name  # reported as unexpected by the plan
-                    shape = tuple(dataset.shape)
-                else:
-                    key = entry.torch_name(with_head)
-                    shape = _torch_shape(entry, tuple(dataset.shape))
-                if key in datasets:
-                    raise ConversionError(path, f"variable {weight_name} appears twice")
-                datasets[key], shapes[key], dtypes[key] = dataset, shape, dataset.dtype
-        by_torch = {e.torch_name(with_head): e for e in weight_table(config, with_head)}
-
-        def load_keras(key: str) -> np.ndarray:
-            dataset = datasets[key]
-            try:
-                return np.asarray(dataset[()])
-            except OSError as exc:
-                raise ConversionError(path, f"truncated or corrupt: cannot read {dataset.name} ({_h5_reason(exc)})") from None
-
-        def load(key: str) -> np.ndarray:
-            return np.asarray(by_torch[key].from_keras(load_keras(key)), order="C")
-
-        state = make_state(config, shapes, dtypes, load, path, "hf-tf", "keras", with_head=with_head, closer=f.close)
-        state.keras_loader = load_keras
+        state = make_state(config, weights.shapes, weights.dtypes, weights.load, path, "hf-tf", "keras",
+                           with_head=weights.with_head, closer=weights.close)
+        state.keras_loader = weights.load_keras
     except BaseException:
-        f.close()
+        weights.close()
         raise
     return state
-
-
-def _torch_shape(entry: WeightEntry, keras_shape: tuple) -> tuple:
-    """PyTorch shape of a Keras-layout tensor of this entry (any rank mismatch is left for the plan to report)."""
-    if len(keras_shape) != len(entry.keras_shape):
-        return keras_shape
-    return tuple(entry.from_keras(np.broadcast_to(np.uint8(0), keras_shape)).shape)  # a view: no memory
-
-
-def _h5_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "(" in text and ")" in text:
-        text = text[text.find("(") + 1: text.rfind(")")]
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 import numpy as np
 
+from .errors import CheckpointError
+
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_BIN_NAME = "pytorch_model.bin"
@@ -34,8 +36,6 @@ KERAS_MODEL_NAME = "model.keras"
 CONFIG_NAME = "config.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupt or unsafe; the message names the file and the problem."""
 
 
 def _bfloat16():
@@ -448,22 +448,16 @@ def load_pretrained_state(directory: str) -> Dict[str, np.ndarray]:
 
 
 def _read_tf_weights(directory: str, path: str) -> Dict[str, np.ndarray]:
-    # The tf_model.h5 reader (NumPy and h5py, no TensorFlow) lives with the other foreign formats in `conversion`;
-    # it reads the file against the folder's own config, so a model built with other sizes (a new head, say) still
-    # gets its strict / ignore_mismatched_sizes report from the load plan, as with PyTorch weights.
-    from conversion.errors import ConversionError
-    from conversion.hf_tf_h5 import read_tf_h5
-
+    # Read against the folder's own config, so that a model built with other sizes (a new head, say) still gets
+    # its strict / ignore_mismatched_sizes report from the load plan, as with PyTorch weights.
     from .config import CvtConfig
+    from .tf_h5 import open_tf_h5
 
+    weights = open_tf_h5(path, CvtConfig.from_pretrained(directory))
     try:
-        state = read_tf_h5(path, CvtConfig.from_pretrained(directory))
-        try:
-            return {state.name(e): state.array(e) for e in state.entries() if state.name(e) in state.tensors}
-        finally:
-            state.close()
-    except ConversionError as exc:
-        raise CheckpointError(str(exc)) from None
+        return {key: weights.load(key) for key in weights.shapes}
+    finally:
+        weights.close()
 
 
 def check_pretrained_folder(directory: str, needs_config: bool = True) -> None:
