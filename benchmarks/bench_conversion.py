@@ -106,7 +106,7 @@ def main() -> int:
             if rc != 0:
                 print(f"    failed: {last[:200]}", flush=True)
 
-        cvt = [python, "-m", "conversion", "convert"]
+        cvt = [python, "-m", "cvt_cli", "convert"]
         step("ours_pt_tf", "ours: cvt convert torch -> hf-tf (with cross-check)",
              cvt + [src, os.path.join(work, "ours-tf"), "--to", "hf-tf", "--quiet"])
         step("ours_tf_pt", "ours: cvt convert hf-tf -> torch (with cross-check)",

@@ -176,13 +176,13 @@ def test_interrupt_while_writing_leaves_nothing(checkpoint, tmp_path, monkeypatc
     assert not (tmp_path / "new-parent").exists() and leftovers(tmp_path) == []
 
 
-def test_python_dash_m_conversion_gives_exit_code_and_one_line_stderr(checkpoint, tmp_path):
+def test_python_dash_m_cvt_cli_gives_exit_code_and_one_line_stderr(checkpoint, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "conversion", "convert", str(tmp_path / "nope"), str(tmp_path / "d")],
+    proc = subprocess.run([sys.executable, "-m", "cvt_cli", "convert", str(tmp_path / "nope"), str(tmp_path / "d")],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == f"cvt: error: {tmp_path / 'nope'}: no such file or directory\n"
-    proc = subprocess.run([sys.executable, "-m", "conversion", "convert", str(checkpoint / "src"), str(tmp_path / "d"),
+    proc = subprocess.run([sys.executable, "-m", "cvt_cli", "convert", str(checkpoint / "src"), str(tmp_path / "d"),
                            "--to", "torch", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no framework noise, no progress bars when not on a terminal
