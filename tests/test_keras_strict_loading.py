@@ -217,6 +217,16 @@ def test_out_of_range_label_is_refused_naming_num_labels_and_the_label():
     assert np.isfinite(float(model(PIXELS, labels=np.array([2, -100]), training=False).loss))  # -100 is ignored
 
 
+def test_out_of_range_label_inside_a_graph_fails_with_the_same_message():
+    """The loss as fit's train step runs it: traced into a graph, where the check is an assertion."""
+    model = _model({})
+    loss = tf.function(model.compute_classification_loss)
+    assert np.isfinite(float(loss(np.array([0, 2]), tf.zeros((2, 3)))))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels must be class indices in \[0, num_labels=3\); got\] \[3\]"):
+        loss(np.array([1, 3]), tf.zeros((2, 3)))
+
+
+@pytest.mark.slow
 def test_out_of_range_label_in_fit_fails_the_step_with_the_same_message():
     model = _model({})
     model.compile(keras.optimizers.Adam(1e-3))
