@@ -47,17 +47,6 @@ def kernel_events(xspace_path: str):
                     yield metadata.display_name, metadata.name, event.duration_ps * 1e-12
 
 
-def matmul_rate(dtype, n: int = 2048) -> float:
-    """GFLOP/s of `tf.matmul` on two n x n matrices of `dtype` (best of several), as the benchmark measures it."""
-    import tensorflow as tf
-
-    from benchmarks.bench_inference import _best_rate
-
-    a = tf.cast(tf.random.normal((n, n)), dtype)
-    b = tf.cast(tf.random.normal((n, n)), dtype)
-    return _best_rate(lambda: tf.matmul(a, b).numpy(), 2 * n ** 3)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
@@ -69,8 +58,9 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from benchmarks.bench_inference import cvt_macs
+    from benchmarks.implementations import tf_matmul_rate
     from cvt_core.config import CvtConfig
+    from cvt_core.macs import cvt_macs
     from cvt_tf import TFCvtForImageClassification
 
     keras.mixed_precision.set_global_policy(args.policy)
@@ -118,7 +108,7 @@ def main(argv=None) -> int:
     macs = cvt_macs(config)
     matmul_flop = 2 * args.batch * (macs["qkv_linear"] + macs["out_proj"] + macs["mlp"] + macs["head"])
     matmul_s = sum(s for t, s in by_type.items() if "MatMul" in t and "Batch" not in t)
-    rate = matmul_rate(tf.bfloat16 if args.policy == "mixed_bfloat16" else tf.float32)
+    rate = tf_matmul_rate(tf.bfloat16 if args.policy == "mixed_bfloat16" else tf.float32)
     if matmul_s:
         print(f"Dense matmuls: {matmul_flop / 1e9:.1f} GFLOP in {matmul_s * 1000:.1f} ms = "
               f"{matmul_flop / matmul_s / 1e9:.0f} GFLOP/s; tf.matmul 2048^2 here: {rate:.0f} GFLOP/s. "

@@ -1,0 +1,237 @@
+"""The contenders of the inference benchmark: how each is built from the shared checkpoint and how it is run.
+
+    hf-pt            transformers.CvtForImageClassification (PyTorch, eager, torch.no_grad)
+    ours-pt          cvt_torch.CvtForImageClassification (PyTorch, eager, torch.no_grad)
+    hf-tf            transformers.TFCvtForImageClassification (tf_keras, call wrapped in tf.function);
+                     needs TF_USE_LEGACY_KERAS=1, so it never shares a process with Keras 3
+    ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3), `predict_on_batch` as Keras users call it
+    *-bf16           the same under the mixed_bfloat16 policy (TF processes: the policy is process-global)
+
+Each implementation turns a (variant, batch) into a zero-argument callable the harness times: "fp32", "bf16"
+(PyTorch: `model.to(torch.bfloat16)`; TF: the process's mixed_bfloat16 policy), "autocast" (PyTorch only) and
+"train" (forward, backward and an AdamW step). The frameworks are imported inside, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import numpy as np
+
+from benchmarks.harness import best_rate
+
+IMAGE_SIZE = 224
+NUM_LABELS = 1000
+WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16")
+MATMUL_SIZE = 2048
+
+
+def make_checkpoint(directory: str, seed: int = 0) -> None:
+    """transformers' CvT-13 classifier with randomised weights, saved with save_pretrained (safetensors)."""
+    import torch
+    import transformers
+
+    from conversion.random_weights import randomize_torch_model_
+
+    torch.manual_seed(seed)
+    config = transformers.CvtConfig(num_labels=NUM_LABELS, image_size=IMAGE_SIZE)  # the cvt-13 defaults
+    model = transformers.CvtForImageClassification(config).eval()
+    randomize_torch_model_(model, seed)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def make_inputs(batch: int, seed: int = 0):
+    """The pixels (NCHW, float32) and labels every implementation gets at `batch`."""
+    rng = np.random.default_rng(seed + batch)
+    pixels = rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    labels = rng.integers(0, NUM_LABELS, size=(batch,)).astype(np.int64)
+    return pixels, labels
+
+
+def tf_matmul_rate(dtype, n: int = MATMUL_SIZE) -> float:
+    """GFLOP/s of `tf.matmul` on two n x n matrices of `dtype` (best of several)."""
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
+    return best_rate(lambda: tf.matmul(a, b).numpy(), 2 * n ** 3)
+
+
+class TorchImpl:
+    def __init__(self, kind: str, checkpoint: str, threads: Optional[int]):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        if kind == "hf-pt":
+            import transformers
+
+            self.model = transformers.CvtForImageClassification.from_pretrained(checkpoint).eval()
+        else:
+            from cvt_torch import CvtForImageClassification
+
+            self.model = CvtForImageClassification.from_pretrained(checkpoint).eval()
+        self._bf16 = None
+        self.threads = torch.get_num_threads()
+
+    def _bf16_model(self):
+        if self._bf16 is None:
+            self._bf16 = copy.deepcopy(self.model).to(self.torch.bfloat16)
+        return self._bf16
+
+    def release(self):
+        self._bf16 = None
+
+    def make(self, variant: str, batch: int):
+        torch = self.torch
+        pixels, labels = make_inputs(batch)
+        x, y = torch.from_numpy(pixels), torch.from_numpy(labels)
+        model = self.model
+        if variant == "fp32":
+            def run():
+                with torch.no_grad():
+                    return model(x).logits
+        elif variant == "bf16":
+            bf16, xb = self._bf16_model(), x.to(torch.bfloat16)
+
+            def run():
+                with torch.no_grad():
+                    return bf16(xb).logits
+        elif variant == "autocast":
+            def run():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x).logits
+        elif variant == "train":
+            trained = copy.deepcopy(model).train()
+            optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, weight_decay=0.01)
+
+            def run():
+                optimizer.zero_grad(set_to_none=True)
+                loss = trained(x, labels=y).loss
+                loss.backward()
+                optimizer.step()
+                return loss
+        else:
+            raise ValueError(f"unknown variant {variant}")
+        return run
+
+    def logits(self, variant: str, pixels: np.ndarray, chunk: int = 16) -> np.ndarray:
+        torch = self.torch
+        out = []
+        for start in range(0, len(pixels), chunk):
+            x = torch.from_numpy(pixels[start:start + chunk])
+            with torch.no_grad():
+                if variant == "bf16":
+                    logits = self._bf16_model()(x.to(torch.bfloat16)).logits
+                elif variant == "autocast":
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        logits = self.model(x).logits
+                else:
+                    logits = self.model(x).logits
+            out.append(logits.float().numpy())
+        return np.concatenate(out)
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.detach().float().numpy()
+
+    def matmul_rates(self) -> Dict[str, float]:
+        torch = self.torch
+        n = MATMUL_SIZE
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        rates = {"torch.matmul fp32 (MKL sgemm)": best_rate(lambda: torch.matmul(a, b), 2 * n ** 3)}
+        try:
+            op = torch.ops.mkldnn._linear_pointwise
+            bt = b.t().contiguous()
+            rates["oneDNN fp32 matmul"] = best_rate(lambda: op(a, bt, None, "none", [], ""), 2 * n ** 3)
+        except Exception:
+            pass
+        ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        rates["torch.matmul bf16 (oneDNN)"] = best_rate(lambda: torch.matmul(ab, bb), 2 * n ** 3)
+        return rates
+
+
+class TFImpl:
+    def __init__(self, kind: str, checkpoint: str, threads: Optional[int]):
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        self.tf = tf
+        self.kind = kind
+        self.bf16 = kind.endswith("-bf16")
+        if kind.startswith("hf-tf"):
+            import tf_keras
+            import transformers
+
+            self.keras = tf_keras
+            if self.bf16:
+                tf_keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            self.model = transformers.TFCvtForImageClassification.from_pretrained(checkpoint, from_pt=True)
+            model = self.model
+            self._call = tf.function(lambda x: model(x, training=False).logits, reduce_retracing=True)
+        else:
+            import keras
+
+            from cvt_tf import TFCvtForImageClassification
+
+            self.keras = keras
+            if self.bf16:
+                keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            self.model = TFCvtForImageClassification.from_pretrained(checkpoint)
+            self._call = self.model.predict_on_batch  # what Keras users call for a batch
+        self.threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+        self._compiled = False
+        self._saved_weights = None
+
+    def release(self):
+        if self._saved_weights is not None:  # undo the training steps: later rows must see the original weights
+            self.model.set_weights(self._saved_weights)
+            self._saved_weights = None
+
+    def _infer(self, pixels: np.ndarray):
+        if self.kind.startswith("hf-tf"):
+            return self._call(self.tf.constant(pixels))
+        return self._call(pixels)
+
+    def make(self, variant: str, batch: int):
+        pixels, labels = make_inputs(batch)
+        if variant in ("fp32", "bf16"):
+            return lambda: self._infer(pixels)
+        if variant == "train":
+            if self._saved_weights is None:
+                self._saved_weights = self.model.get_weights()
+            if not self._compiled:
+                optimizer = self.keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.01)
+                self.model.compile(optimizer=optimizer)  # both models compute their own loss from the labels
+                self._compiled = True
+            model = self.model
+            return lambda: model.train_on_batch(pixels, labels)
+        raise ValueError(f"unknown variant {variant}")
+
+    def logits(self, variant: str, pixels: np.ndarray, chunk: int = 16) -> np.ndarray:
+        out = []
+        for start in range(0, len(pixels), chunk):
+            out.append(self.to_numpy(self._infer(pixels[start:start + chunk])))
+        return np.concatenate(out)
+
+    def to_numpy(self, value) -> np.ndarray:
+        if isinstance(value, (list, tuple)):
+            value = value[0]
+        if hasattr(value, "logits"):
+            value = value.logits
+        if isinstance(value, dict):
+            value = value.get("logits", next(iter(value.values())))
+        value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        return np.asarray(value, dtype=np.float32)
+
+    def matmul_rates(self) -> Dict[str, float]:
+        tf = self.tf
+        return {"tf.matmul fp32": tf_matmul_rate(tf.float32), "tf.matmul bf16": tf_matmul_rate(tf.bfloat16)}
+
+
+def build(kind: str, checkpoint: str, threads: Optional[int]):
+    """The implementation of worker `kind`, its model loaded from `checkpoint`."""
+    return TorchImpl(kind, checkpoint, threads) if kind.endswith("-pt") else TFImpl(kind, checkpoint, threads)

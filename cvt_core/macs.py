@@ -1,0 +1,46 @@
+"""Analytic multiply-accumulate count of one image through CvT, from the config and the shape rules alone.
+
+Pure integer arithmetic on `CvtConfig` and `stage_geometry` (no framework import), so the benchmarks can turn
+measured images/s into GFLOP/s for either framework, and a test can hold both to the same figure.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from .config import CvtConfig
+from .shapes import stage_geometry
+
+MAC_KINDS = ("embedding", "qkv_conv", "qkv_linear", "attention", "out_proj", "mlp", "head")
+
+
+def cvt_macs(config: CvtConfig, height: int = 224, width: int = 224) -> Dict[str, int]:
+    """Multiply-accumulates of one `height` x `width` image through CvT, by kind of operation, plus "total".
+
+    Counts every matmul and convolution (conv token embeddings, depthwise q/k/v convolutions, q/k/v projections,
+    attention scores and context, output projection, MLP, classifier); normalisations, activations, pooling and
+    the softmax are not counted. CvT-13 at 224 gives 4.57 GMAC, the paper's figure."""
+    macs = dict.fromkeys(MAC_KINDS, 0)
+    in_channels = config.num_channels
+    for geo in stage_geometry(config, height, width):
+        s = geo.stage
+        dim, patch = config.embed_dim[s], config.patch_sizes[s]
+        macs["embedding"] += geo.height * geo.width * dim * in_channels * patch * patch
+        queries, keys = geo.num_query_tokens, geo.num_key_tokens
+        kernel = config.kernel_qkv[s]
+        # the depthwise convolutions see the grid only; the cls token bypasses them
+        conv_q = geo.query_height * geo.query_width * dim * kernel * kernel
+        conv_kv = geo.key_height * geo.key_width * dim * kernel * kernel
+        per_layer = {
+            "qkv_conv": (conv_q + 2 * conv_kv) if config.qkv_projection_method[s] == "dw_bn" else 0,
+            "qkv_linear": queries * dim * dim + 2 * keys * dim * dim,
+            "attention": 2 * queries * keys * dim,
+            "out_proj": queries * dim * dim,
+            "mlp": 2 * geo.num_tokens * dim * config.mlp_hidden_dim(s),
+        }
+        for kind, value in per_layer.items():
+            macs[kind] += value * config.depth[s]
+        in_channels = dim
+    macs["head"] = config.hidden_size * max(config.num_labels, 0)
+    macs["total"] = sum(macs.values())
+    return macs
