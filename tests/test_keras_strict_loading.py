@@ -160,8 +160,10 @@ def test_load_model_of_an_unedited_keras_file_gives_the_same_logits(saved):
 
 
 # ------------------------------------------------------------------------------------------------ cvt convert
-@pytest.mark.parametrize("case", sorted(EDITS))
-@pytest.mark.parametrize("file_kind", ["weights.h5", "keras"])
+# every edit through model.weights.h5; through .keras (its own load path) one edit by default, the rest slow
+@pytest.mark.parametrize("case, file_kind", [
+    pytest.param(case, kind, marks=[pytest.mark.slow] if kind == "keras" and case != "cls-token-removed" else [])
+    for kind in ("weights.h5", "keras") for case in sorted(EDITS)])
 def test_convert_refuses_keras_weights_of_another_config_in_one_line(saved, tmp_path, case, file_kind):
     root, _ = saved
     changes, kind, _ = EDITS[case]

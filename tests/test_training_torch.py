@@ -161,12 +161,3 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
         optimizer.step()
         scheduler.step()
     np.testing.assert_allclose(seen, [0.2 * f for f in factors[:6]])
-
-
-def test_python_m_entry_point_runs_cvt_train_with_the_torch_framework(monkeypatch):
-    import cvt_cli.train as command
-
-    seen = {}
-    monkeypatch.setattr(command, "main", lambda argv: seen.setdefault("argv", argv) and 0)
-    tt.main(["--epochs", "1"])
-    assert seen["argv"] == ["train", "--framework", "torch", "--epochs", "1"]
