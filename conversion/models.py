@@ -16,7 +16,6 @@ from typing import Dict, Optional
 import numpy as np
 
 from cvt_core.config import CvtConfig
-from cvt_core.weights import weight_table
 
 from .errors import ConversionError
 from .progress import progress
@@ -164,19 +163,6 @@ def assign_keras_weights(model, state: CanonicalState, desc: str = "loading Kera
         tensor = tf.raw_ops.DeepCopy(x=tf.convert_to_tensor(value))
         variable.assign(tensor)
         del tensor, value
-
-
-def keras_state_arrays(model) -> Dict[str, np.ndarray]:
-    """{torch name: PyTorch-layout array} of a Keras model (num_batches_tracked, which Keras lacks, as 0)."""
-    variables = model.canonical_weights()
-    out = {}
-    for entry in weight_table(model.config, model.with_head):
-        name = entry.torch_name(model.with_head)
-        if entry.has_keras_twin:
-            out[name] = np.asarray(entry.from_keras(np.asarray(variables[name].numpy())), order="C")
-        else:
-            out[name] = np.zeros(entry.shape, np.int64)
-    return out
 
 
 def run_keras(model, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:

@@ -506,6 +506,3 @@ def save_pretrained_state(directory: str, tensors: Mapping[str, np.ndarray]) -> 
             os.unlink(stale_path)
     return path
 
-
-def iter_state_shapes(state: Mapping[str, np.ndarray]) -> Iterable[tuple]:
-    return ((k, tuple(v.shape)) for k, v in state.items())

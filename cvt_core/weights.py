@@ -17,7 +17,7 @@ are (out, in), Keras (in, out), square ones too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -261,11 +261,3 @@ def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str
         unexpected = [k for k in unexpected if k.startswith(BACKBONE_PREFIX)]
     return LoadPlan(assignments, missing, unexpected, mismatched, fresh_head)
 
-
-def entries_by_torch_name(config: CvtConfig, with_head: bool = True) -> Dict[str, WeightEntry]:
-    return {e.torch_name(with_head): e for e in weight_table(config, with_head)}
-
-
-def iter_keras_entries(config: CvtConfig, with_head: bool = True) -> Iterable[WeightEntry]:
-    """Entries that exist as Keras variables (everything but `num_batches_tracked`)."""
-    return (e for e in weight_table(config, with_head) if e.has_keras_twin)

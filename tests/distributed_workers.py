@@ -75,7 +75,7 @@ def _keras_step(strategy, initial, sync: bool, own_loss: bool = False):
 
     from cvt_tf import TFCvtForImageClassification
     from cvt_tf.training import synchronize_batch_norm
-    from conversion.models import keras_state_arrays
+    from training_helpers import keras_state_arrays
 
     pixels, labels = global_batch()
     with strategy.scope():

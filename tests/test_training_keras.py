@@ -105,7 +105,7 @@ def test_pytorch_trained_weights_give_identical_eval_predictions_in_keras(tmp_pa
 
 
 def _torch_state_from_keras(model):
-    from conversion.models import keras_state_arrays
+    from training_helpers import keras_state_arrays
 
     return keras_state_arrays(model)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
 from cvt_core.config import CvtConfig
+from cvt_core.weights import weight_table
 from cvt_cli.data import load_digits_dataset, preprocess, stratified_split
 from cvt_core.image_processing import CvtImageProcessor
 
@@ -45,3 +46,16 @@ def torch_threads(count: int = 1):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def keras_state_arrays(model) -> Dict[str, np.ndarray]:
+    """{torch name: PyTorch-layout array} of a Keras model (num_batches_tracked, which Keras lacks, as 0)."""
+    variables = model.canonical_weights()
+    out = {}
+    for entry in weight_table(model.config, model.with_head):
+        name = entry.torch_name(model.with_head)
+        if entry.has_keras_twin:
+            out[name] = np.asarray(entry.from_keras(np.asarray(variables[name].numpy())), order="C")
+        else:
+            out[name] = np.zeros(entry.shape, np.int64)
+    return out
