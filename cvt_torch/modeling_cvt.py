@@ -10,16 +10,17 @@ transformers departs from the original microsoft/CvT code are fixed here: per-la
 drop path on the residual branch only, any depth per stage, a cls token on any stage sized by that stage, the
 "avg" projection, a classifier without a final cls token.
 
-Speed (CPU). Two things make this fast without changing results beyond float32 rounding (tests hold it to
-transformers at 1e-5 on exactly this code):
+Speed. Every module has one `forward`, the same in every mode; the speed comes from inside it, with the kernel
+choices in `cvt_torch.kernels` (each made from the op's own inputs, public ops only under tracing, scripting,
+torch.compile and torch.export), all within float32 rounding of the plain ops (tests hold it to 1e-5):
 - every float32 Linear (`CvtLinear`, an nn.Linear with the same parameters) runs its matmuls, forward and backward,
-  on oneDNN, about twice MKL's sgemm rate on AVX-512 AMD CPUs; this serves training and every other mode too;
-- in eval mode without autograd (`torch.no_grad()` / `inference_mode()`, float32 or bfloat16, no hooks, see
-  `CvtEncoder.can_fuse`) the encoder takes a fused path: the token grid stays channels-last so no transposes are
-  copied, the eval BatchNorm is folded into the depthwise kernels (recomputed on each call, never stale), the GELU
-  and the residual adds ride on the matmuls, attention over many keys runs as blocked oneDNN matmuls, and the
-  classifier's last block is computed for the cls token only (the logits are bit-for-bit those of the full block).
-Anything else (training, autograd, attentions, hooks, other devices) runs module by module as before.
+  on oneDNN on CPU, about twice MKL's sgemm rate on AVX-512 AMD CPUs; without autograd in bfloat16 too;
+- a BatchNorm that is not training is folded into its depthwise kernel (recomputed on each call, never stale);
+- without autograd on CPU the token grids stay channels-last (no transposes copied) and attention over many keys
+  runs as blocked oneDNN matmuls;
+- the classifier outside training computes its last block for the cls token only (`cls_only`; the logits are
+  bit for bit those of the full block).
+Hooks, replaced modules and patched forwards run where they are, on that one path.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from cvt_core.checkpoint import read_pretrained, save_pretrained_state
 from cvt_core.config import CvtConfig
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import check_pixel_values_shape
+
+from . import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -65,188 +68,12 @@ def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
         raise ValueError(f"labels must be class indices in [0, num_labels={num_labels}); got {bad}")
 
 
-# ---------------------------------------------------------------------------------------------- fast CPU kernels
-# On CPUs with AVX-512 (AMD Zen 4/5 in particular) oneDNN's float32 GEMM runs about twice as fast as the MKL sgemm
-# behind F.linear / torch.matmul, and it fuses the bias, the exact (erf) GELU and a residual add into the matmul.
-# `torch.ops.mkldnn._linear_pointwise` is the op torch.compile's CPU backend emits for those fusions. It is probed
-# once; without it (or on another device, or with torch.backends.mkldnn disabled) everything falls back to F.linear.
-_ONEDNN: dict = {}
-
-
-def _probe_onednn_linear():
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        op = torch.ops.mkldnn._linear_pointwise
-        gen = torch.Generator().manual_seed(0)
-        x, w = torch.randn(5, 7, generator=gen), torch.randn(3, 7, generator=gen)
-        b, r = torch.randn(3, generator=gen), torch.randn(5, 3, generator=gen)
-        ref = F.linear(x, w, b)
-        ok = torch.allclose(op(x, w, b, "none", [], ""), ref, atol=1e-5)
-        ok = ok and torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(ref), atol=1e-5)
-        ok = ok and torch.allclose(op.binary(x, r, w, b, "add"), ref + r, atol=1e-5)
-        ok = ok and torch.allclose(op(x.t().contiguous().t(), w.t().contiguous().t(), None, "none", [], ""),
-                                   F.linear(x, w), atol=1e-5)
-        return op if ok else None
-    except Exception:  # an old or unusual build: F.linear everywhere
-        return None
-
-
-def _onednn_op():
-    """`torch.ops.mkldnn._linear_pointwise`, or None where it is missing or wrong."""
-    if "op" not in _ONEDNN:
-        _ONEDNN["op"] = _probe_onednn_linear()
-        try:
-            _ONEDNN["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except Exception:
-            _ONEDNN["bf16"] = False
-    return _ONEDNN["op"]
-
-
-def _onednn_ok(x: torch.Tensor) -> bool:
-    """Whether oneDNN matmuls serve tensors like `x` (CPU, float32 or bfloat16 where the CPU supports it). Never
-    while torch.compile traces: inductor lowers F.linear itself (it cannot lower this op with weights that are
-    graph inputs rather than frozen constants)."""
-    if (x.device.type != "cpu" or torch.compiler.is_compiling() or _onednn_op() is None
-            or not torch._C._get_mkldnn_enabled()):
-        return False
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN["bf16"])
-
-
-def _autocast_dtype(device_type: str = "cpu") -> Optional[torch.dtype]:
-    """The autocast dtype where autocast is on for `device_type`, else None."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """x W^T + b on oneDNN, forward and backward (float32, CPU). Double backward goes through differentiable matmuls."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_op()(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        x2d = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled():  # create_graph: stay differentiable
-            if ctx.needs_input_grad[0]:
-                grad_x = grad.matmul(weight)
-            if ctx.needs_input_grad[1]:
-                grad_w = grad2d.t().matmul(x2d)
-        else:
-            op = _onednn_op()
-            if ctx.needs_input_grad[0]:
-                grad_x = op(grad2d, weight.t(), None, "none", [], "").view(x.shape)
-            if ctx.needs_input_grad[1]:
-                grad_w = op(grad2d.t(), x2d.t(), None, "none", [], "")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad2d.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear, with float32 CPU matmuls (forward and backward) on oneDNN. Autocast and other dtypes: F.linear."""
-    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and _onednn_ok(x)
-            and _autocast_dtype(x.device.type) is None):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OneDnnLinear.apply(x, weight, bias)
-        return _onednn_op()(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False,
-                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Inference only (no autograd): `gelu(x W^T + b)` or `residual + x W^T + b` in one oneDNN call where possible.
-
-    Under CPU autocast the matmul runs in the autocast dtype, as F.linear would."""
-    cast = _autocast_dtype(x.device.type)
-    if cast is not None:
-        x = x.to(cast) if x.is_floating_point() else x
-        weight = weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-    op = _onednn_op() if _onednn_ok(x) else None
-    if op is not None and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-        if residual is not None and not gelu and residual.dtype == x.dtype and residual.shape[:-1] == x.shape[:-1]:
-            return op.binary(x, residual.contiguous(), weight, bias, "add")
-        out = op(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    else:
-        out = F.linear(x, weight, bias)
-        if gelu:
-            out = F.gelu(out)
-    return out if residual is None else residual + out
-
-
-# Inference attention, by measurement on a 2-core AVX-512 CPU: with many keys, blocked oneDNN matmuls per image and
-# head (the scores of a block of queries stay in L2); with few keys, F.scaled_dot_product_attention in float32 and
-# plain matmuls (oneDNN in bfloat16) in bfloat16.
-_BLOCKED_ATTENTION_MIN_KEYS = {torch.float32: 128, torch.bfloat16: 512}
-_ATTENTION_BLOCK_SCORES = 1 << 19
-
-
-def _use_blocked_attention(query: torch.Tensor, num_keys: int) -> bool:
-    dtype = _autocast_dtype(query.device.type) or query.dtype
-    return dtype in _BLOCKED_ATTENTION_MIN_KEYS and num_keys >= _BLOCKED_ATTENTION_MIN_KEYS[dtype] and _onednn_ok(query)
-
-
-def _inference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
-                         scale: Optional[float]) -> torch.Tensor:
-    """softmax(scale q k^T) v over heads; tokens (B, T, C) in and out; `scale` None: already in `query`."""
-    if scale is None:
-        return _blocked_attention(query, key, value, num_heads)
-    batch, num_queries, channels = query.shape
-
-    def heads(t):
-        return t.unflatten(2, (num_heads, channels // num_heads)).transpose(1, 2)
-
-    if query.dtype == torch.float32:
-        context = F.scaled_dot_product_attention(heads(query), heads(key), heads(value), scale=scale)
-    else:
-        probs = torch.softmax(torch.matmul(heads(query), heads(key).transpose(-1, -2)) * scale, dim=-1)
-        context = torch.matmul(probs.to(value.dtype), heads(value))
-    return context.transpose(1, 2).reshape(batch, num_queries, channels)
-
-
-def _blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """softmax(q k^T) v per image and head, in blocks of queries, on oneDNN. Tokens (B, T, C) in and out; the scale
-    is already in `query`. Inference only."""
-    op = _onednn_op()
-    batch, num_queries, channels = query.shape
-    num_keys = key.shape[1]
-    head_dim = channels // num_heads
-    if num_heads > 1:  # oneDNN wants dense per-head matrices: (B, heads, T, d)
-        query, key, value = (t.unflatten(2, (num_heads, head_dim)).transpose(1, 2).contiguous()
-                             for t in (query, key, value))
-    else:
-        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-    rows = max(16, min(num_queries, _ATTENTION_BLOCK_SCORES // num_keys))
-    blocks = []
-    for b in range(batch):
-        for h in range(num_heads):
-            keys, values_t = key[b, h], value[b, h].t()
-            for start in range(0, num_queries, rows):
-                scores = op(query[b, h, start:start + rows], keys, None, "none", [], "")
-                probs = torch.softmax(scores, dim=-1).to(values_t.dtype)
-                blocks.append(op(probs, values_t, None, "none", [], ""))
-    out = torch.cat(blocks)  # (B * heads * T_q, d), in (b, h, t) order
-    if num_heads == 1:
-        return out.view(batch, num_queries, channels)
-    return out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2).reshape(batch, num_queries, channels)
-
-
 # ---------------------------------------------------------------------------------------------- small pieces
 class CvtLinear(nn.Linear):
-    """nn.Linear (same parameters and names) whose float32 CPU matmuls, forward and backward, run on oneDNN."""
+    """nn.Linear (same parameters and names) computed by `kernels.linear`: oneDNN matmuls on CPU where they serve."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class QuickGELU(nn.Module):
@@ -289,13 +116,15 @@ class CvtDropPath(nn.Module):
         return f"drop_prob={self.drop_prob:g}"
 
 
-def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
+def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int, channels_last: bool = False) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W): a channels-last view of the tokens, or a contiguous NCHW copy."""
+    if channels_last:
+        return tokens.transpose(1, 2).unflatten(2, (height, width))
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
 def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C)."""
+    """(B, C, H, W) -> (B, H*W, C); a view without copy for a channels-last grid."""
     return grid.flatten(2).transpose(1, 2)
 
 
@@ -337,7 +166,10 @@ class CvtEmbeddings(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- attention
 class CvtSelfAttentionConvProjection(nn.Module):
-    """Depthwise convolution (no bias) then BatchNorm: the "dw_bn" projection of the released weights."""
+    """Depthwise convolution (no bias) then BatchNorm: the "dw_bn" projection of the released weights.
+
+    While the BatchNorm is not training it is folded into the depthwise kernel (one convolution; the BatchNorm
+    module itself, and hooks on it or on the convolution, then do not run)."""
 
     def __init__(self, embed_dim: int, kernel_size: int, padding: int, stride: int):
         super().__init__()
@@ -347,7 +179,12 @@ class CvtSelfAttentionConvProjection(nn.Module):
         self.normalization = nn.BatchNorm2d(embed_dim, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.normalization(self.convolution(grid))
+        norm = self.normalization
+        if norm.training or getattr(norm, "running_var", None) is None:  # batch statistics
+            return norm(self.convolution(grid))
+        weight, bias = self.folded_weight_and_bias()
+        conv = self.convolution
+        return F.conv2d(grid, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def folded_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The eval-mode BatchNorm folded into the depthwise kernel: conv(x, w * s) + (beta - mean * s) with
@@ -360,12 +197,6 @@ class CvtSelfAttentionConvProjection(nn.Module):
         if bn.bias is not None:
             shift = shift + bn.bias.float()
         return (weight.float() * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
-
-    def fused_forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """Eval-mode forward with the BatchNorm folded into the convolution (one op)."""
-        weight, bias = self.folded_weight_and_bias()
-        conv = self.convolution
-        return F.conv2d(grid, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class CvtSelfAttentionProjection(nn.Module):
@@ -388,12 +219,6 @@ class CvtSelfAttentionProjection(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return _grid_to_tokens(self.convolution_projection(grid))
-
-    def fused_forward(self, grid: torch.Tensor) -> torch.Tensor:
-        projection = self.convolution_projection
-        if isinstance(projection, CvtSelfAttentionConvProjection):
-            return _grid_to_tokens(projection.fused_forward(grid))
-        return _grid_to_tokens(projection(grid))
 
 
 class CvtSelfAttention(nn.Module):
@@ -430,62 +255,42 @@ class CvtSelfAttention(nn.Module):
         batch, length, _ = tokens.shape
         return tokens.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
+                cls_only: bool = False):
+        """Returns (context (B, T_q, C), attention probabilities or None). `cls_only` (stages with a cls token):
+        only the cls token queries, T_q = 1; the keys and values still come from every token."""
+        if cls_only and not self.with_cls_token:
+            raise ValueError("cls_only=True needs a stage with a cls token")
         if self.with_cls_token:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        grid = _tokens_to_grid(tokens, height, width)
-        query = self.convolution_projection_query(grid)
+        spatial = [p for m in (self.convolution_projection_query, self.convolution_projection_key,
+                               self.convolution_projection_value) for p in m.parameters()]
+        channels_last = kernels.channels_last(tokens, *spatial)
+        grid = _tokens_to_grid(tokens, height, width, channels_last)
+        if channels_last and not grid.is_contiguous(memory_format=torch.channels_last):
+            grid = grid.contiguous(memory_format=torch.channels_last)  # once for the three convolutions
+        query = cls_token if cls_only else self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
         value = self.convolution_projection_value(grid)
-        if self.with_cls_token:
-            query = torch.cat((cls_token, query), dim=1)
-            key = torch.cat((cls_token, key), dim=1)
-            value = torch.cat((cls_token, value), dim=1)
-        query = self._split_heads(self.projection_query(query))
-        key = self._split_heads(self.projection_key(key))
-        value = self._split_heads(self.projection_value(value))
-
-        if output_attentions:
-            # Explicit path; the returned probabilities are those before attention dropout (as transformers' models
-            # return them), the context uses the dropped ones.
-            probs = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
-            context = torch.matmul(self.dropout(probs), value)
-        else:
-            probs = None
-            context = F.scaled_dot_product_attention(
-                query, key, value, dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale)
-        context = context.transpose(1, 2).reshape(context.shape[0], context.shape[2], self.embed_dim)
-        return context, probs
-
-    def fused_context(self, tokens: torch.Tensor, height: int, width: int, cls_only: bool = False) -> torch.Tensor:
-        """Eval-mode attention context (B, T_q, C) without autograd: BatchNorm folded into the depthwise convs, the
-        token grid kept channels-last (no transposes), blocked oneDNN attention for large score matrices.
-        With `cls_only` only the cls token queries (the classifier's last layer)."""
-        if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        grid = tokens.transpose(1, 2).unflatten(2, (height, width))  # channels-last view of the tokens
-        if not grid.is_contiguous(memory_format=torch.channels_last):
-            grid = grid.contiguous(memory_format=torch.channels_last)  # once for the three convolutions
-        if cls_only:
-            query = cls_token
-        else:
-            query = self.convolution_projection_query.fused_forward(grid)
-        key = self.convolution_projection_key.fused_forward(grid)
-        value = self.convolution_projection_value.fused_forward(grid)
         if self.with_cls_token:
             if not cls_only:
                 query = torch.cat((cls_token, query), dim=1)
             key = torch.cat((cls_token, key), dim=1)
             value = torch.cat((cls_token, value), dim=1)
-        blocked = _use_blocked_attention(query, key.shape[1])
-        q_weight, q_bias = self.projection_query.weight, self.projection_query.bias
-        if blocked:  # the scale rides on the query projection
-            q_weight = q_weight * self.scale
-            q_bias = None if q_bias is None else q_bias * self.scale
-        query = _fused_linear(query, q_weight, q_bias)
-        key = _fused_linear(key, self.projection_key.weight, self.projection_key.bias)
-        value = _fused_linear(value, self.projection_value.weight, self.projection_value.bias)
-        return _inference_attention(query, key, value, self.num_heads, None if blocked else self.scale)
+        query = self.projection_query(query)
+        key = self.projection_key(key)
+        value = self.projection_value(value)
+
+        if output_attentions:
+            # Explicit path; the returned probabilities are those before attention dropout (as transformers' models
+            # return them), the context uses the dropped ones.
+            query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+            probs = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
+            context = torch.matmul(self.dropout(probs), value)
+            return context.transpose(1, 2).reshape(context.shape[0], context.shape[2], self.embed_dim), probs
+        context = kernels.attention(query, key, value, self.num_heads, self.scale,
+                                    dropout_p=self.dropout.p if self.training else 0.0)
+        return context, None
 
 
 class CvtSelfOutput(nn.Module):
@@ -506,8 +311,9 @@ class CvtAttention(nn.Module):
         self.attention = CvtSelfAttention(config, stage)
         self.output = CvtSelfOutput(config, stage)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
-        context, probs = self.attention(tokens, height, width, output_attentions)
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
+                cls_only: bool = False):
+        context, probs = self.attention(tokens, height, width, output_attentions, cls_only)
         return self.output(context), probs
 
 
@@ -549,30 +355,18 @@ class CvtLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False):
-        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions)
+    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
+                cls_only: bool = False):
+        """Returns (tokens, attention probabilities or None). With `cls_only` (stages with a cls token) the block
+        is computed for the cls token alone and returns it, (B, 1, C)."""
+        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions,
+                                                 cls_only)
+        if cls_only:
+            tokens = tokens[:, :1]
         tokens = tokens + self.drop_path(attention_output)
         mlp_output = self.output(self.intermediate(self.layernorm_after(tokens)))
         tokens = tokens + self.drop_path(mlp_output)
         return tokens, probs
-
-    def fused_forward(self, tokens: torch.Tensor, height: int, width: int, cls_only: bool = False) -> torch.Tensor:
-        """Eval-mode block without autograd: the residual adds and the GELU ride on the oneDNN matmuls. With
-        `cls_only` it returns only the cls token (B, 1, C), all the classifier reads from the last block."""
-        norm = self.layernorm_before
-        hidden = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        context = self.attention.attention.fused_context(hidden, height, width, cls_only)
-        dense = self.attention.output.dense
-        tokens = _fused_linear(context, dense.weight, dense.bias, residual=tokens[:, :1] if cls_only else tokens)
-        norm = self.layernorm_after
-        hidden = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        fc1, activation = self.intermediate.dense, self.intermediate.activation
-        if type(activation) is nn.GELU and activation.approximate == "none":
-            hidden = _fused_linear(hidden, fc1.weight, fc1.bias, gelu=True)
-        else:
-            hidden = activation(_fused_linear(hidden, fc1.weight, fc1.bias))
-        fc2 = self.output.dense
-        return _fused_linear(hidden, fc2.weight, fc2.bias, residual=tokens)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -591,45 +385,30 @@ class CvtStage(nn.Module):
             CvtLayer(config, stage, rate) for rate in config.drop_path_rates(stage)
         )
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, cls_only: bool = False,
+                with_grid: bool = True):
+        """Returns (grid (B, C, H', W') or None, cls token (B, 1, C) or None, attention probabilities per layer).
+
+        `cls_only` (ignored without a cls token or with `output_attentions`): the returned cls token comes from
+        the last block run for the cls token alone; `with_grid=False` then skips the rest of that block (grid
+        None), `with_grid=True` runs it in full for the grid too. Either way the cls token is the same, bit for bit.
+        """
         tokens, height, width = self.embedding(pixel_values, self.cls_token if self.with_cls_token else None)
         attentions: List[torch.Tensor] = []
-        for layer in self.layers:
+        split_last = cls_only and self.with_cls_token and not output_attentions and len(self.layers) > 0
+        last = len(self.layers) - 1
+        cls_token = None
+        for i, layer in enumerate(self.layers):
+            if split_last and i == last:
+                cls_token = layer(tokens, height, width, cls_only=True)[0]
+                if not with_grid:
+                    return None, cls_token, attentions
             tokens, probs = layer(tokens, height, width, output_attentions)
             if output_attentions:
                 attentions.append(probs)
-        cls_token = None
         if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        return _tokens_to_grid(tokens, height, width), cls_token, attentions
-
-    def fused_forward(self, grid: torch.Tensor, cls_only: bool = False, final: bool = False):
-        """Eval-mode stage without autograd on a channels-last grid; returns (grid or None, cls token or None).
-
-        In the `final` stage the returned cls token always comes from the last block run for the cls token alone,
-        so the logits are bit-for-bit the same whether the rest of that block is computed (hidden states asked
-        for) or skipped (`cls_only`, grid None)."""
-        embeddings = self.embedding.convolution_embeddings
-        conv, norm = embeddings.projection, embeddings.normalization
-        grid = F.conv2d(grid, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        height, width = grid.shape[-2:]
-        tokens = F.layer_norm(_grid_to_tokens(grid), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        if self.with_cls_token:
-            tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
-        split_last = final and self.with_cls_token and len(self.layers) > 0
-        layers = self.layers[:-1] if split_last else self.layers
-        for layer in layers:
-            tokens = layer.fused_forward(tokens, height, width)
-        if split_last:
-            cls_token = self.layers[-1].fused_forward(tokens, height, width, cls_only=True)
-            if cls_only:
-                return None, cls_token
-            tokens = self.layers[-1].fused_forward(tokens, height, width)[:, 1:]
-        else:
-            cls_token = None
-            if self.with_cls_token:
-                cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        return tokens.transpose(1, 2).unflatten(2, (height, width)), cls_token
+            cls_token, tokens = (tokens[:, :1] if cls_token is None else cls_token), tokens[:, 1:]
+        return _tokens_to_grid(tokens, height, width, kernels.channels_last(tokens)), cls_token, attentions
 
 
 class CvtEncoder(nn.Module):
@@ -639,16 +418,22 @@ class CvtEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False,
                 cls_only: bool = False):
-        """`cls_only` (the classifier's request, honoured on the fast path only): the last stage computes just the
-        cls token in its last block, and `last_hidden_state` is None."""
-        if self.can_fuse(pixel_values, output_attentions):
-            return self.fused_forward(pixel_values, output_hidden_states, cls_only)
+        """`cls_only`: the caller reads only the final cls token (and any hidden states). The last block of a final
+        stage with a cls token then runs for that token alone and `last_hidden_state` is None, unless hidden states
+        are asked for (the block then also runs in full; the cls token is the same either way). Ignored with
+        `output_attentions` and when the last stage has no cls token."""
+        first = self.stages[0].embedding.convolution_embeddings.projection.weight
         hidden = pixel_values
+        if kernels.channels_last(pixel_values, first):  # the inference kernels' layout, kept through the stages
+            hidden = pixel_values.contiguous(memory_format=torch.channels_last)
         cls_token = None
         all_hidden_states = [] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        for stage in self.stages:
-            hidden, cls_token, attentions = stage(hidden, output_attentions)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            final_cls_only = cls_only and i == last
+            hidden, cls_token, attentions = stage(hidden, output_attentions, cls_only=final_cls_only,
+                                                  with_grid=output_hidden_states or not final_cls_only)
             if output_hidden_states:
                 all_hidden_states.append(hidden)
             if output_attentions:
@@ -660,65 +445,29 @@ class CvtEncoder(nn.Module):
             attentions=tuple(all_attentions) if output_attentions else None,
         )
 
-    def can_fuse(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> bool:
-        """Whether this call may take the fused inference path: eval mode everywhere, no autograd needed, CPU float32
-        or bfloat16 with oneDNN, no attentions asked for, and the standard modules without hooks (a hook, a
-        replaced module or a patched forward sends the call down the module-by-module path, which runs them).
-        Under torch.compile the fused path runs with inductor's own matmul kernels instead of oneDNN calls."""
-        if (output_attentions or pixel_values.device.type != "cpu"
-                or pixel_values.dtype not in (torch.float32, torch.bfloat16)):
-            return False
-        grad = torch.is_grad_enabled()
-        if grad and pixel_values.requires_grad:
-            return False
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            return not grad and not any(module.training for module in self.modules())
-        if not _onednn_ok(pixel_values):
-            return False
-        if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks):
-            return False
-        for module in self.modules():
-            if (module.training or type(module) not in _FUSABLE_MODULES or module._forward_hooks
-                    or module._forward_pre_hooks or "forward" in module.__dict__):
-                return False
-            if grad and any(p is not None and p.requires_grad for p in module._parameters.values()):
-                return False
-        return True
 
-    def fused_forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, cls_only: bool = False):
-        hidden = pixel_values.contiguous(memory_format=torch.channels_last)
-        cls_token = None
-        all_hidden_states = [] if output_hidden_states else None
-        last = len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            hidden, cls_token = stage.fused_forward(hidden, cls_only=cls_only and i == last, final=i == last)
-            if output_hidden_states:
-                all_hidden_states.append(hidden)
-        return CvtModelOutput(
-            last_hidden_state=hidden,
-            cls_token_value=cls_token,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=None,
-        )
+# ---------------------------------------------------------------------------------------------- outputs
+def _register_outputs_as_pytrees() -> None:
+    """Make the output containers pytree nodes (their set fields are the children), so torch.export and
+    torch.compile's graph outputs can hold them: `torch.export.export(model, (pixel_values,))` works as called."""
+    from torch.utils import _pytree
+
+    for output_type in (CvtModelOutput, CvtImageClassifierOutput):
+        def flatten(output):
+            keys = tuple(output.keys())
+            return [output[k] for k in keys], keys
+
+        def unflatten(children, keys, output_type=output_type):
+            return output_type(**dict(zip(keys, children)))
+
+        try:
+            _pytree.register_pytree_node(output_type, flatten, unflatten,
+                                         serialized_type_name=f"{output_type.__module__}.{output_type.__name__}")
+        except ValueError:
+            pass  # already registered (module re-imported)
 
 
-# Modules the fused path knows how to run; any other type in the tree (a replaced submodule) disables it.
-_FUSABLE_MODULES = {
-    CvtEncoder, CvtStage, CvtEmbeddings, CvtConvEmbeddings, CvtLayer, CvtAttention, CvtSelfAttention,
-    CvtSelfAttentionProjection, CvtSelfAttentionConvProjection, CvtSelfOutput, CvtIntermediate, CvtOutput,
-    CvtDropPath, CvtLinear, QuickGELU, nn.GELU, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Dropout,
-    nn.AvgPool2d, nn.Identity, nn.ModuleList,
-}
-
-
-def register_fusable_module(module_class: type) -> type:
-    """Declare that `module_class`, in eval mode, computes exactly what the standard module it subclasses computes
-    (e.g. a synchronised BatchNorm2d that differs only in training), so models holding it keep the fused inference
-    path. Usable as a class decorator."""
-    _FUSABLE_MODULES.add(module_class)
-    return module_class
+_register_outputs_as_pytrees()
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -793,7 +542,7 @@ class CvtPreTrainedModel(nn.Module):
 
     def _cast_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.encoder.stages[0].embedding.convolution_embeddings.projection.weight
-        if pixel_values.dtype != weight.dtype and _autocast_dtype(pixel_values.device.type) is None:
+        if pixel_values.dtype != weight.dtype and kernels.autocast_dtype(pixel_values.device.type) is None:
             return pixel_values.to(weight.dtype)
         return pixel_values
 
@@ -859,14 +608,15 @@ class CvtModel(CvtPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None,
-                _cls_token_only: bool = False):
+                cls_only: bool = False):
         """`pixel_values` (B, C, H, W) float. Returns `CvtModelOutput` (or its tuple with `return_dict=False`):
         last_hidden_state (B, C_last, H', W'), cls_token_value (B, 1, C_last) or None, hidden_states (one NCHW
         tensor per stage), attentions (one (B, heads, query_tokens, key_tokens) tensor per layer).
 
-        Float input of another dtype than the model's (float32 pixels into a bfloat16 model) is cast to the
-        model's dtype, except under autocast. In eval mode without autograd the call takes the fused fast path
-        (see `CvtEncoder.can_fuse`); the outputs are the same to float32 rounding."""
+        `cls_only=True` says only the final cls token (and any hidden states) will be read, as a classifier does:
+        the last block then computes just that token and `last_hidden_state` is None unless hidden states are
+        asked for (see `CvtEncoder.forward`). Float input of another dtype than the model's (float32 pixels into a
+        bfloat16 model) is cast to the model's dtype, except under autocast."""
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -875,7 +625,7 @@ class CvtModel(CvtPreTrainedModel):
         pixel_values = self._cast_pixel_values(pixel_values)
         outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions,
-                               cls_only=_cls_token_only and not output_hidden_states)
+                               cls_only=cls_only)
         return outputs if return_dict else outputs.to_tuple()
 
 
@@ -904,7 +654,10 @@ class CvtForImageClassification(CvtPreTrainedModel):
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised final tokens: (B, 1, C_last) with a final cls token, else (B, H'*W', C_last)."""
         return self._normalised_tokens(self.cvt(pixel_values, output_hidden_states=False, output_attentions=False,
-                                                return_dict=True, _cls_token_only=True))
+                                                return_dict=True, cls_only=self._inference()))
+
+    def _inference(self) -> bool:
+        return not (self.training or torch.is_grad_enabled())
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean over the tokens of `forward_features`' output, then the classifier (skipped with `pre_logits`)."""
@@ -922,9 +675,11 @@ class CvtForImageClassification(CvtPreTrainedModel):
         """Returns `CvtImageClassifierOutput` (loss when `labels` are given, logits (B, num_labels), hidden_states,
         attentions) or its tuple with `return_dict=False`."""
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
-        # Only the final cls token reaches the logits: the fast path skips the rest of the last block (exact).
+        # Only the final cls token reaches the logits, so in inference the rest of the last block is skipped (the
+        # logits are bit for bit the same with hidden states). Training and autograd run the full block: the
+        # dropout draws stay those of the whole computation and every parameter gets its gradient (zero or not).
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
-                           output_attentions=output_attentions, return_dict=True, _cls_token_only=True)
+                           output_attentions=output_attentions, return_dict=True, cls_only=self._inference())
         logits = self.forward_head(self._normalised_tokens(outputs))
         loss = self.compute_loss(logits, labels) if labels is not None else None
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,

@@ -36,7 +36,7 @@ from torch import nn
 
 from cvt_core.batching import format_epoch
 
-from .modeling_cvt import check_class_labels, register_fusable_module
+from .modeling_cvt import check_class_labels
 
 
 # --------------------------------------------------------------------------------------------------- distributed set-up
@@ -96,7 +96,6 @@ def barrier(context: DistributedContext) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- synchronised BatchNorm
-@register_fusable_module  # in eval mode it is a plain BatchNorm2d, so the fused inference path applies
 class DistributedBatchNorm2d(nn.BatchNorm2d):
     """`BatchNorm2d` whose training statistics cover the global batch of all processes, on any device.
 
