@@ -3,47 +3,43 @@
 import argparse
 
 
+def _number(text: str, cast, kind: str):
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+
+
+def _require(ok: bool, rule: str, text: str) -> None:
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number greater than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    value = _number(text, float, "a number")
+    _require(value > 0, "positive", text)
     return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    value = _number(text, int, "an integer")
+    _require(value >= 1, "at least 1", text)
     return value
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    value = _number(text, int, "an integer")
+    _require(value >= 0, "0 or more", text)
     return value
 
 
 def fraction(text: str) -> float:
     """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    value = _number(text, float, "a number")
+    _require(0.0 <= value < 1.0, "in [0, 1)", text)
     return value
 
 
