@@ -146,25 +146,24 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_h
               dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(scale q k^T) v over `num_heads` heads, with attention dropout `dropout_p`; tokens (B, T, C) in and
     out. Without autograd or dropout on oneDNN's CPU dtypes the inference kernels run; otherwise the public SDPA."""
-    batch, num_queries, channels = query.shape
     if dropout_p == 0.0 and onednn_serves(query) and not needs_grad(query, key, value):
         dtype = autocast_dtype(query.device.type) or query.dtype
         if dtype in _BLOCKED_ATTENTION_MIN_KEYS and key.shape[1] >= _BLOCKED_ATTENTION_MIN_KEYS[dtype]:
             return _blocked_attention(query * scale, key, value, num_heads)
         if query.dtype != torch.float32:
-            q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))
+            q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
             probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
-            return _merge_heads(torch.matmul(probs.to(v.dtype), v))
-    q, k, v = (_split_heads(t, num_heads) for t in (query, key, value))
-    return _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale))
+            return merge_heads(torch.matmul(probs.to(v.dtype), v))
+    q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale))
 
 
-def _split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
+def split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, T, C) -> (B, heads, T, C / heads)."""
     return tokens.unflatten(2, (num_heads, tokens.shape[2] // num_heads)).transpose(1, 2)
 
 
-def _merge_heads(heads: torch.Tensor) -> torch.Tensor:
+def merge_heads(heads: torch.Tensor) -> torch.Tensor:
     """(B, heads, T, d) -> (B, T, heads * d)."""
     return heads.transpose(1, 2).flatten(2)
 
@@ -175,12 +174,8 @@ def _blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     op = onednn_op()
     batch, num_queries, channels = query.shape
     num_keys = key.shape[1]
-    head_dim = channels // num_heads
-    if num_heads > 1:  # oneDNN wants dense per-head matrices: (B, heads, T, d)
-        query, key, value = (t.unflatten(2, (num_heads, head_dim)).transpose(1, 2).contiguous()
-                             for t in (query, key, value))
-    else:
-        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+    # oneDNN wants dense per-head matrices: (B, heads, T, d) (no copy with one head)
+    query, key, value = (split_heads(t, num_heads).contiguous() for t in (query, key, value))
     rows = max(16, min(num_queries, _ATTENTION_BLOCK_SCORES // num_keys))
     blocks = []
     for b in range(batch):
@@ -191,6 +186,4 @@ def _blocked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                 probs = torch.softmax(scores, dim=-1).to(values_t.dtype)
                 blocks.append(op(probs, values_t, None, "none", [], ""))
     out = torch.cat(blocks)  # (B * heads * T_q, d), in (b, h, t) order
-    if num_heads == 1:
-        return out.view(batch, num_queries, channels)
-    return out.view(batch, num_heads, num_queries, head_dim).transpose(1, 2).reshape(batch, num_queries, channels)
+    return merge_heads(out.view(batch, num_heads, num_queries, channels // num_heads))

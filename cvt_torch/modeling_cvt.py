@@ -251,10 +251,6 @@ class CvtSelfAttention(nn.Module):
         self.projection_value = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
         self.dropout = nn.Dropout(config.attention_drop_rate[stage])
 
-    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = tokens.shape
-        return tokens.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
     def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
                 cls_only: bool = False):
         """Returns (context (B, T_q, C), attention probabilities or None). `cls_only` (stages with a cls token):
@@ -284,10 +280,9 @@ class CvtSelfAttention(nn.Module):
         if output_attentions:
             # Explicit path; the returned probabilities are those before attention dropout (as transformers' models
             # return them), the context uses the dropped ones.
-            query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+            query, key, value = (kernels.split_heads(t, self.num_heads) for t in (query, key, value))
             probs = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
-            context = torch.matmul(self.dropout(probs), value)
-            return context.transpose(1, 2).reshape(context.shape[0], context.shape[2], self.embed_dim), probs
+            return kernels.merge_heads(torch.matmul(self.dropout(probs), value)), probs
         context = kernels.attention(query, key, value, self.num_heads, self.scale,
                                     dropout_p=self.dropout.p if self.training else 0.0)
         return context, None
