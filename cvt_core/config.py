@@ -314,8 +314,8 @@ class CvtConfig:
     def from_dict(cls, data: Dict[str, Any], **overrides: Any) -> "CvtConfig":
         # transformers writes many generic PretrainedConfig keys; keep only what a CvT model can use. Overrides are
         # typed by the caller, so an unknown one is a misspelling, not a file's baggage: refuse it.
-        known = set(cls.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict"}
         check_overrides(overrides)
+        known = _accepted_keys()
         data = dict(data)
         data.update(overrides)
         model_type = data.pop("model_type", "cvt")
@@ -392,9 +392,14 @@ class CvtConfig:
         return f"CvtConfig({self.to_json_string()})"
 
 
+def _accepted_keys() -> set:
+    """The config.json keys a CvtConfig keeps: its fields, the pass-through keys and `return_dict`."""
+    return set(CvtConfig.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict"}
+
+
 def check_overrides(overrides: Dict[str, Any]) -> None:
     """Raise `TypeError` naming keyword arguments that are no config field (with the nearest field, if any)."""
-    known = set(CvtConfig.field_names()) | set(_PASSTHROUGH_KEYS) | {"return_dict", "model_type"}
+    known = _accepted_keys() | {"model_type"}
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         hints = []
