@@ -24,6 +24,7 @@ the PyTorch run uses DistributedDataParallel, `--sync-batchnorm` synchronising B
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,8 +36,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from conversion.errors import ConversionError, CrossCheckFailed, one_line
+from cvt_core.weights import count_parameters
+
 from .arguments import fraction, non_negative_int, positive_float, positive_int
-from conversion.errors import ConversionError, one_line
+from .plot import plot_history
 
 # The architecture `cvt train` builds when neither --init nor --config is given: CvT-13's three-stage layout with
 # its patch sizes and strides (7/4, 3/2, 3/2), narrower and shallower for small images. At 32x32 the stages see
@@ -255,8 +259,6 @@ def _threads(args, config) -> int:
         return args.threads
     # Small models run fastest on one thread per process: their kernels are too short to amortise the
     # synchronisation of a thread pool (7x slower on a loaded 2-core machine).
-    from cvt_core.weights import count_parameters
-
     return 1 if count_parameters(config, True) < 5_000_000 else 0
 
 
@@ -515,10 +517,6 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
 
     The run directory is built under a temporary name beside --out and renamed into place at the end, so a run
     that fails leaves no folder; paths printed and in report.json are the final ones."""
-    import contextlib
-
-    from cvt_core.weights import count_parameters
-
     from conversion.atomic import atomic_directory, check_destination
 
     started = time.perf_counter()
@@ -558,8 +556,6 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
                  f"images, largest logit difference {report['max_abs_logit_difference']:.1e})")
     say(line)
     if report["conversion_failed"]:
-        from conversion.errors import CrossCheckFailed
-
         say(f"conversion to {OTHER[args.framework]} FAILED: {report['conversion_failed']}; the trained checkpoint "
             f"is kept in {report['files']['checkpoint']}")
         raise CrossCheckFailed(report["conversion_failed"])
@@ -570,8 +566,6 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
                 started: float, say) -> Dict[str, Any]:
     """Convert and evaluate in the other framework, plot and write report.json into `run_dir` (the temporary
     folder); returns the report, whose paths name the final folder `out`."""
-    from .plot import plot_history
-    from cvt_core.weights import count_parameters
 
     def final(path: Optional[str]) -> Optional[str]:
         return None if path is None else os.path.join(out, os.path.relpath(path, run_dir))
@@ -583,8 +577,6 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
     conversion = None
     conversion_failed = None
     if not args.no_convert:
-        from conversion.errors import CrossCheckFailed
-
         try:
             conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
         except CrossCheckFailed as exc:  # the trained checkpoint is still good: keep the run, report the failure

@@ -36,8 +36,6 @@ KERAS_MODEL_NAME = "model.keras"
 CONFIG_NAME = "config.json"
 
 
-
-
 def _bfloat16():
     try:
         import ml_dtypes  # shipped with TensorFlow and JAX; optional otherwise
