@@ -41,6 +41,19 @@ def assert_one_line_error(code: int, out: str, err: str, *fragments) -> None:
         assert str(fragment) in err, (fragment, err)
 
 
+def make_tiny_checkpoint(root):
+    """In `root`: a random TINY_CONFIG checkpoint in transformers' layout (`src/`) and its config file
+    (`tiny.json`); returns `root`."""
+    import json
+
+    from conversion.pipeline import make_random_checkpoint
+    from cvt_core import CvtConfig
+
+    make_random_checkpoint(str(root / "src"), CvtConfig(**TINY_CONFIG), seed=1)
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    return root
+
+
 def leftovers(parent) -> List[str]:
     """Temporary folders the converter may have left beside its destination."""
     return sorted(n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n)

@@ -143,9 +143,20 @@ def _one_line(exc_info) -> str:
     return text
 
 
-def _assert_nothing_written(dst):
+def _assert_convert_refuses(folder, tmp_path, *fragments):
+    """`cvt convert FOLDER DST --no-check` exits 2 with one line holding every fragment, and writes nothing."""
+    dst = tmp_path / "dst"
+    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"), *fragments)
     assert not os.path.exists(dst)
     assert leftovers(os.path.dirname(dst)) == []
+
+
+def _assert_from_pretrained_refuses(folder, fragment):
+    from cvt_torch import CvtForImageClassification
+
+    with pytest.raises(CheckpointError) as exc:
+        CvtForImageClassification.from_pretrained(folder)
+    assert fragment in _one_line(exc)
 
 
 @pytest.fixture(scope="module")
@@ -285,9 +296,7 @@ def test_rebuilding_a_tensor_from_something_that_is_not_a_storage_is_refused(tmp
 def test_convert_refuses_a_view_outside_its_storage_and_writes_nothing(tiny, tmp_path, case):
     view, fragment = BAD_VIEWS[case]
     folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_zip(p, tiny[1], {HEAD: view}))
-    dst = tmp_path / "dst"
-    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"), "pytorch_model.bin", fragment)
-    _assert_nothing_written(str(dst))
+    _assert_convert_refuses(folder, tmp_path, "pytorch_model.bin", fragment)
 
 
 def test_from_pretrained_raises_checkpoint_error_for_a_view_outside_its_storage(tiny, tmp_path):
@@ -316,10 +325,7 @@ def test_convert_refuses_a_legacy_format_file_with_a_view_outside_its_storage(ti
                            {"0": (8, np.zeros(8, np.float32).tobytes())})
 
     folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", write)
-    dst = tmp_path / "dst"
-    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"), "pytorch_model.bin",
-                           "truncated or corrupt")
-    _assert_nothing_written(str(dst))
+    _assert_convert_refuses(folder, tmp_path, "pytorch_model.bin", "truncated or corrupt")
 
 
 # ------------------------------------------------------------------------------------------ shard indexes
@@ -379,25 +385,16 @@ def test_shard_index_accepts_a_symlinked_shard_as_in_hugging_face_caches(tiny, t
 
 @pytest.mark.parametrize("case", ["absolute-path", "dot-dot", "the-index-itself", "non-string"])
 def test_convert_and_from_pretrained_refuse_a_shard_outside_the_folder(tiny, tmp_path, case):
-    from cvt_torch import CvtForImageClassification
-
     shard, fragment = BAD_SHARDS[case]
     folder, _ = _index_folder(tmp_path, tiny, shard)
-    dst = tmp_path / "dst"
-    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"), "index.json", fragment)
-    _assert_nothing_written(str(dst))
-    with pytest.raises(CheckpointError) as exc:
-        CvtForImageClassification.from_pretrained(folder)
-    assert fragment in _one_line(exc)
+    _assert_convert_refuses(folder, tmp_path, "index.json", fragment)
+    _assert_from_pretrained_refuses(folder, fragment)
 
 
 def test_convert_refuses_a_bin_shard_index_naming_a_file_outside_the_folder(tiny, tmp_path):
     folder, _ = _index_folder(tmp_path, tiny, "../outside.bin", index_name="pytorch_model.bin.index.json")
     state_as_torch_zip(tmp_path / "outside.bin", tiny[1])
-    dst = tmp_path / "dst"
-    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"),
-                           "a shard must be a plain file name")
-    _assert_nothing_written(str(dst))
+    _assert_convert_refuses(folder, tmp_path, "a shard must be a plain file name")
 
 
 # ------------------------------------------------------------------------------------------ safetensors headers
@@ -464,8 +461,6 @@ def test_valid_safetensors_header_gives_absolute_byte_ranges(tmp_path):
 
 @pytest.mark.parametrize("case", ["negative-shape", "float-shape"])
 def test_convert_and_from_pretrained_refuse_a_safetensors_header_with_impossible_shapes(tiny, tmp_path, case):
-    from cvt_torch import CvtForImageClassification
-
     # the classifier weight's shape (3, 24) stored as [3.0, 24.0] (which int() would accept) or [-3, -24] (whose
     # product is still 72); its data_offsets stay right
     fragment = BAD_HEADERS[case][1]
@@ -476,9 +471,5 @@ def test_convert_and_from_pretrained_refuse_a_safetensors_header_with_impossible
     data_start = 8 + header_len
     folder = _folder_with(tmp_path, tiny, "model.safetensors",
                           lambda p: _write_raw_safetensors(p, header, raw[data_start:]))
-    dst = tmp_path / "dst"
-    assert_one_line_error(*cli("convert", folder, dst, "--to", "torch", "--no-check"), "model.safetensors", fragment)
-    _assert_nothing_written(str(dst))
-    with pytest.raises(CheckpointError) as exc:
-        CvtForImageClassification.from_pretrained(folder)
-    assert fragment in _one_line(exc)
+    _assert_convert_refuses(folder, tmp_path, "model.safetensors", fragment)
+    _assert_from_pretrained_refuses(folder, fragment)

@@ -13,19 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from conversion_helpers import assert_one_line_error, cli, leftovers, read_safetensors, REPO, TINY_CONFIG
+from conversion_helpers import (assert_one_line_error, cli, leftovers, make_tiny_checkpoint, read_safetensors, REPO,
+                                TINY_CONFIG)
 from cvt_core import CvtConfig
 
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from conversion.pipeline import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("cli")
-    make_random_checkpoint(str(root / "src"), CvtConfig(**TINY_CONFIG), seed=1)
-    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    return root
+    """A tiny random transformers-layout checkpoint (`src`) and its config file (`tiny.json`)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("cli"))
 
 
 def _bad_inputs(root):

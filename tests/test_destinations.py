@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conversion_helpers import assert_one_line_error, cli, leftovers, TINY_CONFIG
-from cvt_core import CvtConfig
-
+from conversion_helpers import assert_one_line_error, cli, leftovers, make_tiny_checkpoint
 
 
 def _listing(root) -> list:
@@ -34,12 +32,7 @@ def _listing(root) -> list:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random transformers-layout checkpoint (`src`) and its config file (`tiny.json`)."""
-    from conversion.pipeline import make_random_checkpoint
-
-    root = tmp_path_factory.mktemp("destinations")
-    make_random_checkpoint(str(root / "src"), CvtConfig(**TINY_CONFIG), seed=1)
-    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    return root
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("destinations"))
 
 
 @pytest.fixture
