@@ -5,7 +5,8 @@ never the source, a folder holding the source or a folder inside it, never the w
 an existing destination only when it is empty or holds nothing but what cvt itself writes there.
 `atomic_directory` builds the output in a temporary folder beside the destination and renames it into place, so a
 failure, Ctrl-C or SIGTERM while writing leaves no half-written destination: the temporary folder is removed and an
-existing destination (replaced only with `force`) stays as it was until the final rename.
+existing destination (replaced only with `force`) stays as it was until the final rename. Each file in it is
+written atomically too, by `cvt_core.atomic.atomic_write`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import shutil
 import tempfile
 from typing import Callable, Iterable, Iterator, List, Optional
+
+from cvt_core.atomic import current_umask
 
 from .errors import ConversionError
 
@@ -156,7 +159,7 @@ def atomic_directory(dst: str, force: bool = False, sources: Iterable[str] = (),
 
 
 def _commit(tmp: str, dst: str, force: bool, foreign: Foreign, empty_ok: bool) -> None:
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~current_umask())
     if not os.path.lexists(dst):
         os.replace(tmp, dst)
         return
@@ -174,12 +177,6 @@ def _commit(tmp: str, dst: str, force: bool, foreign: Foreign, empty_ok: bool) -
         shutil.rmtree(aside, ignore_errors=True)
         raise
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _remove_empty(directories: List[str]) -> None:

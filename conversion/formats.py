@@ -2,7 +2,8 @@
 
 Source formats (`--from`):
   hf        transformers PyTorch: model.safetensors, sharded *.safetensors.index.json, pytorch_model.bin (also
-            sharded; read by cvt_core's restricted unpickler, which never runs pickled code)
+            sharded; zip or legacy torch.save layout); all read by cvt_core's `open_checkpoint`, whose unpickler
+            never runs pickled code
   hf-tf     transformers TF: tf_model.h5
   keras     Keras 3: model.keras, or model.weights.h5 with a config.json
   original  microsoft/CvT: a torch.save'd state dict (.pth) in the original naming; needs --config
@@ -17,14 +18,9 @@ from __future__ import annotations
 
 import copy
 import os
-import struct
-import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
-from cvt_core.checkpoint import write_safetensors_streaming as write_safetensors_streaming_to
 from cvt_core.checkpoint import (
     CONFIG_NAME,
     PYTORCH_BIN_INDEX_NAME,
@@ -33,18 +29,18 @@ from cvt_core.checkpoint import (
     SAFETENSORS_INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointError,
-    read_torch_bin,
-    read_weights_file,
-    tensor_view_problem,
+    open_checkpoint,
+    write_safetensors_streaming,
 )
 from cvt_core.config import PRESETS, CvtConfig
+from cvt_core.tensor_file import LazyTensors
 
 from . import original as original_format
 from .errors import ConversionError, describe, one_line
 from .hf_tf_h5 import TF_WEIGHTS_INDEX_NAME, TF_WEIGHTS_NAME, read_tf_h5, write_tf_h5
 from .keras_native import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME
 from .progress import progress
-from .state import FLOAT_DTYPES, CanonicalState, make_state, read_safetensors_lazy
+from .state import FLOAT_DTYPES, CanonicalState, make_state
 
 SOURCE_FORMATS = ("auto", "hf", "hf-tf", "keras", "original")
 TARGETS = ("torch", "hf-tf", "keras")
@@ -83,105 +79,24 @@ def read_config_file(path: str) -> CvtConfig:
 
 
 # ------------------------------------------------------------------------------------------------ torch files
-def _legacy_torch_load(path: str) -> Dict[str, np.ndarray]:
-    """The pre-1.6 (non-zip) torch.save format, through torch.load(weights_only=True): still no code runs."""
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(path, "not a PyTorch zip checkpoint (truncated or corrupt, or the legacy pre-1.6 "
-                                    "format, which needs torch installed to read safely)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError with long texts
-        text = one_line(str(exc))
-        if "Unsupported global" in text or "weights_only" in text.lower() or "WeightsUnpickler" in text:
-            marker = text.find("Unsupported global")
-            what = text[marker:].split(" We recommend")[0].split(". ")[0] if marker >= 0 else "non-tensor objects"
-            raise ConversionError(path, f"refusing to load: the pickle asks for code to run ({what}); only plain "
-                                        f"tensors are accepted") from None
-        reason = text if len(text) <= 160 else text[:157] + "..."
-        raise ConversionError(path, f"not a PyTorch checkpoint (truncated or corrupt: {reason or type(exc).__name__})"
-                              ) from None
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionError(path, "does not hold a flat dictionary of tensors")
-    out = {}
-    known = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-             torch.int8, torch.uint8, torch.bool)
-    for key, tensor in obj.items():
-        if tensor.layout != torch.strided or tensor.is_quantized or tensor.dtype not in known:
-            raise ConversionError(path, f"tensor {key} is a {tensor.layout} {tensor.dtype} tensor, which is not "
-                                        f"supported; store plain dense tensors")
-        # torch.load checks views against their storage today; checked again so that no torch version's
-        # leniency can turn a crafted view into a read of other memory
-        storage_numel = tensor.untyped_storage().nbytes() // tensor.element_size()
-        problem = tensor_view_problem(storage_numel, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if problem is not None:
-            raise ConversionError(path, f"refusing to load tensor {key}: {problem}")
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            out[str(key)] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[str(key)] = tensor.numpy()
-    return out
-
-
-@dataclass
-class TensorFile:
-    """A PyTorch-side weights file opened lazily: shapes and dtypes known, tensors read on demand."""
-
-    path: str
-    shapes: Dict[str, tuple]
-    dtypes: Dict[str, np.dtype]
-    loader: Callable[[str], np.ndarray]
-    closer: Optional[Callable[[], None]] = None
-
-
-def open_torch_weights(path: str) -> TensorFile:
-    """model.safetensors / *.index.json / pytorch_model.bin / an original .pth, never executing pickled code."""
+def open_torch_weights(path: str) -> LazyTensors:
+    """model.safetensors / *.index.json / pytorch_model.bin / an original .pth, opened lazily by cvt_core's
+    `open_checkpoint` (never executing pickled code); its refusals become one-line `ConversionError`s."""
     if not os.path.exists(path):
         raise ConversionError(path, "no such file")
     try:
-        if path.endswith((".safetensors", ".safetensors.index.json")):
-            shapes, dtypes, loader, closer = read_safetensors_lazy(path)
-            return TensorFile(path, shapes, dtypes, loader, closer)
-        if path.endswith(".index.json"):
-            arrays = read_weights_file(path)
-        elif zipfile.is_zipfile(path):
-            arrays = read_torch_bin(path)
-        elif _is_safetensors(path):
-            shapes, dtypes, loader, closer = read_safetensors_lazy(path)
-            return TensorFile(path, shapes, dtypes, loader, closer)
-        else:
-            arrays = _legacy_torch_load(path)
+        return open_checkpoint(path)
     except CheckpointError as exc:
         raise describe(exc) from None
-    return TensorFile(path, {k: tuple(v.shape) for k, v in arrays.items()}, {k: v.dtype for k, v in arrays.items()},
-                      lambda key: np.asarray(arrays[key]))
 
 
-def _is_safetensors(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path)
-
-
-def write_safetensors_streaming(path: str, state: CanonicalState) -> str:
+def write_safetensors_from_state(path: str, state: CanonicalState) -> str:
     """model.safetensors from the state, one tensor in memory at a time."""
     entries = state.entries()
     by_name = {state.name(entry): entry for entry in entries}
     layout = [(name, entry.shape, state.stored_dtype(entry)) for name, entry in by_name.items()]
-    write_safetensors_streaming_to(path, layout, lambda name: state.array(by_name[name]),
-                              iterate=lambda items: progress(items, desc=f"writing {SAFETENSORS_NAME}", total=len(items)))
+    write_safetensors_streaming(path, layout, lambda name: state.array(by_name[name]),
+                                iterate=lambda items: progress(items, desc=f"writing {SAFETENSORS_NAME}", total=len(items)))
     return path
 
 
@@ -318,50 +233,42 @@ def open_source(src: str, fmt: str = "auto", config: Optional[str] = None, hidde
         if explicit is not None and spec.weights.endswith(".keras") and explicit != state.config:
             raise ConversionError(spec.weights, "--config differs from the config stored in the .keras file; drop --config")
     else:
-        tensors = open_torch_weights(spec.weights)
-        is_original = original_format.looks_original(list(tensors.shapes))
-        kind = spec.fmt if fmt != "auto" else ("original" if is_original else "hf")
-        if kind == "original" and not is_original:
-            example = min(tensors.shapes, key=len) if tensors.shapes else "nothing"
-            raise ConversionError(spec.weights, f"--from original, but the weights are not in the original naming "
-                                                f"(e.g. {example}); use --from hf")
-        if kind == "hf" and is_original:
-            raise ConversionError(spec.weights, "--from hf, but the weights use microsoft/CvT's original names "
-                                                "(stage0.patch_embed...); use --from original --config PRESET")
-        if kind == "original":
-            if explicit is None:
-                guesses = original_format.guess_presets(tensors.shapes)
-                hint = f" (the shapes match {' or '.join(guesses)})" if guesses else ""
-                raise ConversionError(spec.weights, f"an original CvT checkpoint carries no config: pass --config "
-                                                    f"PRESET_OR_JSON{hint}")
-            cfg = original_format.original_config(explicit, tensors.shapes, from_preset, hidden_act)
-            arrays = _OriginalArrays(tensors)
-            state = original_format.read_original(spec.weights, arrays, cfg, closer=tensors.closer)
-        else:
-            cfg = resolved_config()
-            state = make_state(cfg, tensors.shapes, tensors.dtypes, tensors.loader, spec.weights, "hf", "torch",
-                               closer=tensors.closer)
+        requested = spec.fmt if fmt != "auto" else None
+        state = _read_torch_source(spec.weights, requested, explicit, from_preset, hidden_act, resolved_config)
     if hidden_act and state.config.hidden_act != hidden_act:
         state.config = state.config.copy(hidden_act=hidden_act)
     state.cast = dtype
     return state
 
 
-class _OriginalArrays(dict):
-    """Adapts a TensorFile to the {name: array}-with-shapes view `read_original` expects, reading lazily."""
-
-    def __init__(self, tensors: TensorFile):
-        super().__init__({k: _Shaped(tensors, k) for k in tensors.shapes})
-
-
-class _Shaped:
-    def __init__(self, tensors: TensorFile, key: str):
-        self._tensors, self._key = tensors, key
-        self.shape, self.dtype = tensors.shapes[key], tensors.dtypes[key]
-
-    def __array__(self, dtype=None, copy=None):
-        value = self._tensors.loader(self._key)
-        return value if dtype is None else value.astype(dtype)
+def _read_torch_source(path: str, requested: Optional[str], explicit: Optional[CvtConfig], from_preset: bool,
+                       hidden_act: Optional[str], resolved_config: Callable[[], CvtConfig]) -> CanonicalState:
+    """A PyTorch-side weights file as a state: in transformers' naming (`hf`) or microsoft/CvT's (`original`), as
+    `requested` by --from or, when None, as the names say."""
+    tensors = open_torch_weights(path)
+    try:
+        is_original = original_format.looks_original(list(tensors))
+        kind = requested or ("original" if is_original else "hf")
+        if kind == "original" and not is_original:
+            example = min(tensors, key=len) if len(tensors) else "nothing"
+            raise ConversionError(path, f"--from original, but the weights are not in the original naming "
+                                        f"(e.g. {example}); use --from hf")
+        if kind == "hf" and is_original:
+            raise ConversionError(path, "--from hf, but the weights use microsoft/CvT's original names "
+                                        "(stage0.patch_embed...); use --from original --config PRESET")
+        if kind == "original":
+            if explicit is None:
+                guesses = original_format.guess_presets(tensors.shapes)
+                hint = f" (the shapes match {' or '.join(guesses)})" if guesses else ""
+                raise ConversionError(path, f"an original CvT checkpoint carries no config: pass --config "
+                                            f"PRESET_OR_JSON{hint}")
+            cfg = original_format.original_config(explicit, tensors.shapes, from_preset, hidden_act)
+            return original_format.read_original(path, tensors, cfg)
+        cfg = resolved_config()
+    except BaseException:
+        tensors.close()
+        raise
+    return make_state(cfg, tensors, path, "hf", "torch")
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -381,7 +288,7 @@ def write_targets(state: CanonicalState, directory: str, targets: Sequence[str],
     written = [config_for_output(state).save_pretrained(directory)] if config_json else []
     for target in targets:
         if target == "torch":
-            written.append(write_safetensors_streaming(os.path.join(directory, SAFETENSORS_NAME), state))
+            written.append(write_safetensors_from_state(os.path.join(directory, SAFETENSORS_NAME), state))
         elif target == "hf-tf":
             written.append(write_tf_h5(state, os.path.join(directory, TF_WEIGHTS_NAME)))
         elif target == "keras":
@@ -420,9 +327,7 @@ def read_target(label: str, path: str, config: CvtConfig, with_head: Optional[bo
     from . import keras_native, models
 
     if label == "torch":
-        tensors = open_torch_weights(path)
-        state = make_state(config, tensors.shapes, tensors.dtypes, tensors.loader, path, "hf", "torch",
-                           with_head=with_head, closer=tensors.closer)
+        state = make_state(config, open_torch_weights(path), path, "hf", "torch", with_head=with_head)
         try:
             return "torch", models.build_torch_model(state, desc=f"loading {os.path.basename(path)}")
         finally:

@@ -29,8 +29,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cvt_core.atomic import atomic_write
 from cvt_core.checkpoint import TF_WEIGHTS_NAME, CheckpointError
 from cvt_core.config import CvtConfig
+from cvt_core.dtypes import is_bfloat16
 from cvt_core.tf_h5 import h5py_module, open_tf_h5
 from cvt_core.weights import WeightEntry, weight_table
 
@@ -95,13 +97,13 @@ def layout(config: CvtConfig, with_head: bool) -> Tuple[List[str], Dict[str, Lis
 
 
 def write_tf_h5(state: CanonicalState, path: str) -> str:
-    """Write `state` as transformers' `tf_model.h5` at `path` (the caller makes the folder atomic)."""
+    """Write `state` as transformers' `tf_model.h5` at `path`, atomically (`atomic_write`)."""
     h5py = h5py_module(path)
     scope = SCOPES[state.with_head]
     layer_names, groups = layout(state.config, state.with_head)
     total = sum(len(v) for v in groups.values())
     upcast_bf16 = False
-    with h5py.File(path, "w") as f:
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         save_attributes_to_hdf5_group(f, "layer_names", [n.encode("utf8") for n in layer_names])
         f.attrs["backend"] = "tensorflow".encode("utf8")
         f.attrs["keras_version"] = _keras_version().encode("utf8")
@@ -114,7 +116,7 @@ def write_tf_h5(state: CanonicalState, path: str) -> str:
                 save_attributes_to_hdf5_group(group, "weight_names",
                                               [e.hf_tf_name(scope).encode("utf8") for e in groups[group_name]])
             value = np.asarray(state.keras_array(entry), order="C")
-            if value.dtype.name == "bfloat16":  # HDF5 has no bfloat16: store the same values as float32
+            if is_bfloat16(value.dtype):  # HDF5 has no bfloat16: store the same values as float32
                 value = value.astype(np.float32)
                 upcast_bf16 = True
             dataset = created[group_name].create_dataset(entry.hf_tf_name(scope), value.shape, dtype=value.dtype)
@@ -136,11 +138,6 @@ def read_tf_h5(path: str, config: CvtConfig, with_head: Optional[bool] = None) -
         weights = open_tf_h5(path, config, with_head)
     except CheckpointError as exc:
         raise ConversionError(None, str(exc)) from None
-    try:
-        state = make_state(config, weights.shapes, weights.dtypes, weights.load, path, "hf-tf", "keras",
-                           with_head=weights.with_head, closer=weights.close)
-        state.keras_loader = weights.load_keras
-    except BaseException:
-        weights.close()
-        raise
+    state = make_state(config, weights, path, "hf-tf", "keras", with_head=weights.with_head)
+    state.keras_loader = weights.load_keras
     return state

@@ -17,8 +17,10 @@ from typing import Optional
 
 import numpy as np
 
+from cvt_core.atomic import atomic_write
 from cvt_core.checkpoint import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME
 from cvt_core.config import CvtConfig
+from cvt_core.tensor_file import LazyTensors
 from cvt_core.weights import WeightLoadError, weight_table
 
 from .errors import ConversionError, describe, one_line
@@ -37,11 +39,13 @@ def write_keras(state: CanonicalState, directory: str, weights: bool = True, mod
     written = []
     if weights:
         path = os.path.join(directory, KERAS_WEIGHTS_NAME)
-        model.save_weights(path)
+        with atomic_write(path) as tmp:  # the temporary name keeps the .weights.h5 ending Keras asks for
+            model.save_weights(tmp)
         written.append(path)
     if model_file:
         path = os.path.join(directory, KERAS_MODEL_NAME)
-        model.save(path)
+        with atomic_write(path) as tmp:
+            model.save(tmp)
         written.append(path)
     if model is not state.keras_model:
         del model
@@ -121,7 +125,8 @@ def state_from_keras_model(model, source: str) -> CanonicalState:
     def load(name: str) -> np.ndarray:
         return np.asarray(by_name[name].from_keras(np.asarray(variables[name].numpy())), order="C")
 
-    state = make_state(model.config, shapes, dtypes, load, source, "keras", "keras", with_head=model.with_head)
+    state = make_state(model.config, LazyTensors(shapes, dtypes, load), source, "keras", "keras",
+                       with_head=model.with_head)
     state.keras_model = model
     state.keras_loader = lambda name: np.asarray(variables[name].numpy())
     return state

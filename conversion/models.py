@@ -27,9 +27,10 @@ def _import_torch_models():
         import torch
 
         from cvt_torch import CvtForImageClassification, CvtModel
+        from cvt_torch.numpy_bridge import model_with_weights
     except ImportError as exc:
         raise ConversionError(None, f"the PyTorch side needs torch and cvt_torch ({exc}); pip install 'cvt-dual[torch]'") from None
-    return torch, CvtModel, CvtForImageClassification
+    return torch, CvtModel, CvtForImageClassification, model_with_weights
 
 
 @contextlib.contextmanager
@@ -75,28 +76,13 @@ def import_keras_models():
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 def build_torch_model(state: CanonicalState, desc: str = "loading PyTorch model"):
-    """Our `CvtModel` / `CvtForImageClassification` holding the state's weights (float32), in eval mode."""
-    torch, CvtModel, CvtForImageClassification = _import_torch_models()
+    """Our `CvtModel` / `CvtForImageClassification` holding the state's weights (float32), in eval mode. Built on the
+    meta device and allocated without initialising (`model_with_weights`): every tensor is overwritten."""
+    _, CvtModel, CvtForImageClassification, model_with_weights = _import_torch_models()
     cls = CvtForImageClassification if state.with_head else CvtModel
-    # Build on the meta device and allocate without initialising: every tensor is overwritten below.
-    with torch.device("meta"):
-        model = cls(state.config)
-    model = model.to_empty(device="cpu")
-    own = model.state_dict()
-    if set(own) != {e.torch_name(state.with_head) for e in state.entries()} or \
-            len(list(model.buffers())) != sum(1 for e in state.entries() if not e.trainable):
-        raise RuntimeError("cvt_torch's state_dict does not match the cvt_core weight table")  # a library bug
-    entries = state.entries()
-    with torch.no_grad():
-        for entry in progress(entries, desc=desc, total=len(entries)):
-            name = entry.torch_name(state.with_head)
-            value = state.array(entry)
-            if value.dtype.name == "bfloat16":
-                value = value.astype(np.float32)
-            value = np.asarray(value, order="C")
-            if not value.flags.writeable:  # torch.from_numpy warns on read-only buffers (memory-mapped checkpoints)
-                value = value.copy()
-            own[name].copy_(torch.from_numpy(value).to(own[name].dtype))
+    by_name = {state.name(entry): entry for entry in state.entries()}
+    model = model_with_weights(cls, state.config, list(by_name), lambda name: state.array(by_name[name]),
+                               iterate=lambda names: progress(names, desc=desc, total=len(names)))
     return model.eval()
 
 

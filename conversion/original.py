@@ -13,6 +13,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from cvt_core.config import PRESETS, CvtConfig
+from cvt_core.tensor_file import LazyTensors
 from cvt_core.weights import weight_table
 
 from .errors import ConversionError
@@ -71,8 +72,8 @@ def original_config(config: CvtConfig, shapes: Mapping[str, Sequence[int]], from
     return config.copy(**overrides)
 
 
-def read_original(path: str, tensors: Mapping[str, np.ndarray], config: CvtConfig, closer=None) -> CanonicalState:
-    """Wrap an original-named state dict (already read safely) as a canonical state for `config`."""
+def read_original(path: str, tensors: LazyTensors, config: CvtConfig) -> CanonicalState:
+    """Wrap an original-named state dict (opened by cvt_core's reader) as a canonical state for `config`."""
     prefix = strip_wrapper_prefix(list(tensors))
     by_original = {e.original_name(): e for e in weight_table(config, True)}
     renamed: Dict[str, str] = {}  # torch name (or the original key when unknown) -> key in `tensors`
@@ -80,15 +81,10 @@ def read_original(path: str, tensors: Mapping[str, np.ndarray], config: CvtConfi
         entry = by_original.get(key[len(prefix):])
         name = entry.torch_name(True) if entry is not None else key
         if name in renamed:
+            tensors.close()
             raise ConversionError(path, f"weight {key} appears twice")
         renamed[name] = key
-    shapes = {name: tuple(tensors[key].shape) for name, key in renamed.items()}
-    dtypes = {name: tensors[key].dtype for name, key in renamed.items()}
-
-    def load(name: str) -> np.ndarray:
-        return np.asarray(tensors[renamed[name]])
-
-    return make_state(config, shapes, dtypes, load, path, "original", "torch", with_head=True, closer=closer)
+    return make_state(config, tensors.renamed(renamed), path, "original", "torch", with_head=True)
 
 
 def to_original_names(state_dict: Mapping[str, np.ndarray], config: CvtConfig, with_head: bool = True) -> Dict[str, np.ndarray]:

@@ -120,8 +120,7 @@ def _weights_have_classifier(path: str, config) -> bool:
         # transformers' rule, as from_pretrained applies it: a classifier's backbone weights carry the `cvt.` prefix
         return any(key.startswith(BACKBONE_PREFIX) for key in tensors.shapes)
     finally:
-        if tensors.closer is not None:
-            tensors.closer()
+        tensors.close()
 
 
 def _importable(name: str) -> bool:

@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from .atomic import atomic_write
+
 # Per-stage list fields, in transformers' order. Every one must have one entry per stage.
 PER_STAGE_FIELDS = (
     "patch_sizes",
@@ -372,14 +374,12 @@ class CvtConfig:
         return cls(**fields)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write `config.json` into `directory` (created if needed); returns the file's path."""
+        """Write `config.json` into `directory` (created if needed), atomically; returns the file's path."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
-        os.replace(tmp, path)
         return path
 
     def copy(self, **overrides: Any) -> "CvtConfig":

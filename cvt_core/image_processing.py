@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .atomic import atomic_write
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -303,15 +304,8 @@ class CvtImageProcessor:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=f".{PREPROCESSOR_CONFIG_NAME}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json_string())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
         return path
 
     def __eq__(self, other: Any) -> bool:

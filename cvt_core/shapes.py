@@ -2,13 +2,14 @@
 
 Everything here is plain integer arithmetic so each backend can check an input before it reaches a layer, and
 so the average-pooling projection (`qkv_projection_method="avg"`) computes PyTorch's `ceil_mode=True` geometry
-identically in Keras.
+identically in Keras. `attention_projection` says which spatial operation, stride and padding each q/k/v
+projection of a stage uses; both models build their projections from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 from .config import CvtConfig
 
@@ -80,16 +81,39 @@ class StageGeometry:
         return self.key_height * self.key_width + int(self.with_cls_token)
 
 
-def _projection_size(size: int, config: CvtConfig, stage: int, role: str) -> int:
+PROJECTION_ROLES = ("query", "key", "value")
+
+
+class AttentionProjection(NamedTuple):
+    """The spatial operation of one of a stage's q/k/v projections."""
+
+    method: str  # "dw_bn" (depthwise conv + BatchNorm), "avg" (ceil-mode average pooling) or "linear" (none)
+    kernel_size: int
+    stride: int
+    padding: int
+
+
+def attention_projection(config: CvtConfig, stage: int, role: str) -> AttentionProjection:
+    """The q/k/v projection of `stage` for `role` ("query", "key" or "value"): the query uses stride_q /
+    padding_q, the key and value stride_kv / padding_kv; with "avg" the query has no spatial operation ("linear"),
+    as in the original code."""
+    if role not in PROJECTION_ROLES:
+        raise ValueError(f"role={role!r} is unknown; choose one of {list(PROJECTION_ROLES)}")
     method = config.qkv_projection_method[stage]
-    kernel = config.kernel_qkv[stage]
-    stride, padding = (config.stride_q[stage], config.padding_q[stage]) if role == "q" else (
-        config.stride_kv[stage], config.padding_kv[stage])
-    if method == "linear" or (method == "avg" and role == "q"):
-        return size
-    if method == "avg":
+    if role == "query":
+        method = "linear" if method == "avg" else method
+        return AttentionProjection(method, config.kernel_qkv[stage], config.stride_q[stage], config.padding_q[stage])
+    return AttentionProjection(method, config.kernel_qkv[stage], config.stride_kv[stage], config.padding_kv[stage])
+
+
+def _projection_size(size: int, config: CvtConfig, stage: int, role: str) -> int:
+    projection = attention_projection(config, stage, role)
+    kernel, stride, padding = projection.kernel_size, projection.stride, projection.padding
+    if projection.method == "avg":
         return avg_pool_ceil_output_size(size, kernel, stride, padding)
-    return conv_output_size(size, kernel, stride, padding)
+    if projection.method == "dw_bn":
+        return conv_output_size(size, kernel, stride, padding)
+    return size
 
 
 def _try_stage_geometry(config: CvtConfig, height: int, width: int) -> Tuple[List[StageGeometry], str]:
@@ -102,8 +126,8 @@ def _try_stage_geometry(config: CvtConfig, height: int, width: int) -> Tuple[Lis
         if h < 1 or w < 1:
             return out, (f"stage {s}'s patch embedding (kernel {k}, stride {st}, padding {p}) leaves a "
                          f"{max(h, 0)}x{max(w, 0)} grid")
-        qh, qw = _projection_size(h, config, s, "q"), _projection_size(w, config, s, "q")
-        kh, kw = _projection_size(h, config, s, "kv"), _projection_size(w, config, s, "kv")
+        qh, qw = _projection_size(h, config, s, "query"), _projection_size(w, config, s, "query")
+        kh, kw = _projection_size(h, config, s, "key"), _projection_size(w, config, s, "key")
         if min(qh, qw, kh, kw) < 1:
             return out, f"stage {s}'s attention projection leaves an empty grid (query {qh}x{qw}, key {kh}x{kw})"
         out.append(StageGeometry(s, h, w, qh, qw, kh, kw, bool(config.cls_token[s])))

@@ -1,8 +1,9 @@
 """Reading transformers' TF checkpoint `tf_model.h5` with h5py and NumPy (no TensorFlow).
 
 `open_tf_h5` lists the file's variables under our PyTorch-side names, in PyTorch layout, and reads each one when
-asked. It is the one reader of the format: `from_pretrained` (through `cvt_core.checkpoint`) and the converter
-(`conversion.hf_tf_h5`, which also writes the format and documents its layout) both use it.
+asked: a `LazyTensors`, like every reader in `cvt_core`. It is the one reader of the format: `from_pretrained`
+(through `cvt_core.checkpoint`) and the converter (`conversion.hf_tf_h5`, which also writes the format and
+documents its layout) both use it.
 
 Names are matched as transformers' loader matches them: the variable name minus its first '/' component (the
 model's scope); names without '/' (the cls token) as they are. A variable the config's table does not know keeps
@@ -12,24 +13,26 @@ its name in the file, so the caller's load plan reports it as unexpected.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
 from .errors import CheckpointError
 from .config import CvtConfig
+from .tensor_file import LazyTensors
 from .weights import WeightEntry, weight_table
 
 
-class TfH5Weights(NamedTuple):
-    """The variables of an open `tf_model.h5`, keyed by PyTorch-side name (or the file's name when unknown)."""
+class TfH5Weights(LazyTensors):
+    """The variables of an open `tf_model.h5`, keyed by PyTorch-side name (or the file's name when unknown), with
+    PyTorch-layout shapes and values; `load_keras(key)` reads one as stored (Keras layout), sparing two transposes
+    when it goes to a Keras model; `with_head` is whether the file holds the classification head."""
 
-    with_head: bool
-    shapes: Dict[str, tuple]  # PyTorch layout
-    dtypes: Dict[str, np.dtype]
-    load: Callable[[str], np.ndarray]  # PyTorch layout
-    load_keras: Callable[[str], np.ndarray]  # as stored (Keras layout)
-    close: Callable[[], None]
+    def __init__(self, with_head: bool, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype],
+                 load: Callable[[str], np.ndarray], load_keras: Callable[[str], np.ndarray], close: Callable[[], None]):
+        super().__init__(shapes, dtypes, load, close)
+        self.with_head = with_head
+        self.load_keras = load_keras
 
 
 def h5py_module(path: str):

@@ -54,7 +54,7 @@ from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk a
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
-from cvt_core.shapes import check_pixel_values_shape, minimum_input_size  # noqa: E402
+from cvt_core.shapes import attention_projection, check_pixel_values_shape, minimum_input_size  # noqa: E402
 from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
 
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
@@ -103,6 +103,12 @@ def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = 
     if activation is not None:
         outputs = _activation(activation)(outputs)
     return tf.reshape(outputs, shape[:-1] + [kernel.shape[-1]])
+
+
+def _grid_to_tokens(grid):
+    """(B, H, W, C) -> (B, H*W, C)."""
+    batch, height, width, channels = _shape_list(grid)
+    return tf.reshape(grid, (batch, height * width, channels))
 
 
 def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
@@ -196,18 +202,18 @@ _register_outputs_with_keras_tree()
 
 # ------------------------------------------------------------------------------------------------ building blocks
 class TFCvtDropPath(keras.layers.Layer):
-    """Stochastic depth: in training, zero a sample's residual branch with probability `rate`, else scale it by
-    1 / (1 - rate). Identity in inference."""
+    """Stochastic depth: in training, zero a sample's residual branch with probability `drop_prob`, else scale it
+    by 1 / (1 - drop_prob). Identity in inference."""
 
-    def __init__(self, rate: float, seed: Optional[int] = None, **kwargs):
+    def __init__(self, drop_prob: float, seed: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
-        self.rate = float(rate)
-        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0.0 else None
+        self.drop_prob = float(drop_prob)
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.drop_prob > 0.0 else None
 
     def call(self, branch, training=False):
-        if not training or self.rate == 0.0:
+        if not training or self.drop_prob == 0.0:
             return branch
-        keep = 1.0 - self.rate
+        keep = 1.0 - self.drop_prob
         mask_shape = [tf.shape(branch)[0]] + [1] * (len(branch.shape) - 1)
         uniform = keras.random.uniform(mask_shape, dtype=branch.dtype, seed=self.seed_generator)
         return branch / keep * ops.floor(keep + uniform)
@@ -256,14 +262,15 @@ class TFCvtEmbeddings(keras.layers.Layer):
 
 
 class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
-    """`dw_bn` projection: padded depthwise convolution (no bias), then BatchNorm. NHWC in and out."""
+    """`dw_bn` projection of `role`: padded depthwise convolution (no bias), then BatchNorm. NHWC in and out."""
 
-    def __init__(self, config: CvtConfig, stage: int, stride: int, padding: int, **kwargs):
+    def __init__(self, config: CvtConfig, stage: int, role: str, **kwargs):
         super().__init__(**kwargs)
         self.embed_dim = config.embed_dim[stage]
-        self.padding = keras.layers.ZeroPadding2D(padding, name="padding")
+        projection = attention_projection(config, stage, role)
+        self.padding = keras.layers.ZeroPadding2D(projection.padding, name="padding")
         self.convolution = GroupedDepthwiseConv2D(
-            self.embed_dim, config.kernel_qkv[stage], strides=stride, padding="valid", use_bias=False,
+            self.embed_dim, projection.kernel_size, strides=projection.stride, padding="valid", use_bias=False,
             kernel_initializer=_kernel_initializer(config), name="convolution")
         self.normalization = TorchBatchNormalization(name="normalization")
 
@@ -272,16 +279,22 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
         self.normalization.build((None, None, None, self.embed_dim))
 
     def call(self, hidden_state, training=False):
-        normalization = self.normalization
-        if training and normalization.trainable:  # batch statistics, moving averages updated
-            return normalization(self.convolution(self.padding(hidden_state)), training=training)
-        return self.folded_call(hidden_state)
-
-    def folded_call(self, hidden_state):
-        """Inference: the BatchNorm folded into the depthwise kernel and a bias, computed in-graph from the current
-        variables on every call (never stale)."""
         normalization, convolution = self.normalization, self.convolution
+        if training and normalization.trainable:  # batch statistics, moving averages updated
+            return normalization(convolution(self.padding(hidden_state)), training=training)
+        kernel, shift = self.folded_weight_and_bias()
         dtype = hidden_state.dtype
+        stride_h, stride_w = convolution.strides
+        # (explicit padding inside the convolution crashes grappler's shape inference: pad first)
+        outputs = tf.nn.depthwise_conv2d(
+            self.padding(hidden_state), ops.cast(kernel, dtype), strides=(1, stride_h, stride_w, 1),
+            padding="VALID", dilations=convolution.dilation_rate)
+        return tf.nn.bias_add(outputs, ops.cast(shift, dtype))
+
+    def folded_weight_and_bias(self):
+        """Inference: the BatchNorm folded into the depthwise kernel, (kernel (kh, kw, C, 1), bias (C,)) in float32,
+        computed in-graph from the current variables on every call (never stale)."""
+        normalization, convolution = self.normalization, self.convolution
         variance = ops.cast(normalization.moving_variance, "float32")
         mean = ops.cast(normalization.moving_mean, "float32")
         scale = tf.math.rsqrt(variance + normalization.epsilon)
@@ -292,51 +305,34 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
             shift = shift + ops.cast(normalization.beta, "float32")
         kh, kw = convolution.kernel_size
         kernel = tf.reshape(ops.cast(convolution.kernel, "float32") * scale, (kh, kw, self.embed_dim, 1))
-        stride_h, stride_w = convolution.strides
-        # (explicit padding inside the convolution crashes grappler's shape inference: pad first)
-        outputs = tf.nn.depthwise_conv2d(
-            self.padding(hidden_state), ops.cast(kernel, dtype), strides=(1, stride_h, stride_w, 1),
-            padding="VALID", dilations=convolution.dilation_rate)
-        return tf.nn.bias_add(outputs, ops.cast(shift, dtype))
-
-
-class TFCvtSelfAttentionLinearProjection(keras.layers.Layer):
-    """Flatten an NHWC grid into tokens (B, H*W, C)."""
-
-    def call(self, hidden_state):
-        batch, height, width, channels = _shape_list(hidden_state)
-        return tf.reshape(hidden_state, (batch, height * width, channels))
+        return kernel, shift
 
 
 class TFCvtSelfAttentionProjection(keras.layers.Layer):
-    """The spatial part of one of q, k, v: `dw_bn` (depthwise conv + BN), `avg` (ceil-mode average pooling for
-    k and v, nothing for q) or `linear` (nothing), then flattening into tokens."""
+    """The spatial part of one of q, k, v (`role`), returning tokens (B, T, C): `dw_bn` (depthwise conv + BN),
+    `avg` (ceil-mode average pooling for k and v, nothing for q) or `linear` (nothing). Only `dw_bn` has weights."""
 
     def __init__(self, config: CvtConfig, stage: int, role: str, **kwargs):
         super().__init__(**kwargs)
-        method = config.qkv_projection_method[stage]
-        stride, padding = ((config.stride_q[stage], config.padding_q[stage]) if role == "query"
-                           else (config.stride_kv[stage], config.padding_kv[stage]))
-        self.convolution_projection = None
-        self.average_pooling = None
-        if method == "dw_bn":
+        projection = attention_projection(config, stage, role)
+        if projection.method == "dw_bn":
             self.convolution_projection = TFCvtSelfAttentionConvProjection(
-                config, stage, stride, padding, name="convolution_projection")
-        elif method == "avg" and role != "query":
-            self.average_pooling = CeilModeAveragePooling2D(
-                config.kernel_qkv[stage], stride, padding, name="average_pooling")
-        self.linear_projection = TFCvtSelfAttentionLinearProjection(name="linear_projection")
+                config, stage, role, name="convolution_projection")
+        elif projection.method == "avg":
+            self.convolution_projection = CeilModeAveragePooling2D(
+                projection.kernel_size, projection.stride, projection.padding, name="convolution_projection")
+        elif projection.method == "linear":
+            self.convolution_projection = keras.layers.Identity(name="convolution_projection")
+        else:
+            raise ValueError(f"qkv_projection_method={projection.method!r} is unknown; choose 'dw_bn', 'avg' or "
+                             f"'linear'")
 
     def build(self, input_shape=None):
-        if self.convolution_projection is not None:
+        if isinstance(self.convolution_projection, TFCvtSelfAttentionConvProjection):
             self.convolution_projection.build(input_shape)
 
     def call(self, hidden_state, training=False):
-        if self.convolution_projection is not None:
-            hidden_state = self.convolution_projection(hidden_state, training=training)
-        elif self.average_pooling is not None:
-            hidden_state = self.average_pooling(hidden_state)
-        return self.linear_projection(hidden_state)
+        return _grid_to_tokens(self.convolution_projection(hidden_state, training=training))
 
 
 class TFCvtSelfAttention(keras.layers.Layer):
@@ -431,7 +427,7 @@ class TFCvtAttention(keras.layers.Layer):
     def __init__(self, config: CvtConfig, stage: int, **kwargs):
         super().__init__(**kwargs)
         self.attention = TFCvtSelfAttention(config, stage, name="attention")
-        self.dense_output = TFCvtSelfOutput(config, stage, name="output")
+        self.dense_output = TFCvtSelfOutput(config, stage, name="output")  # `output` is a keras.layers.Layer property
 
     def build(self, input_shape=None):
         self.attention.build(input_shape)
@@ -483,7 +479,7 @@ class TFCvtLayer(keras.layers.Layer):
         self.embed_dim = config.embed_dim[stage]
         self.attention = TFCvtAttention(config, stage, name="attention")
         self.intermediate = TFCvtIntermediate(config, stage, name="intermediate")
-        self.dense_output = TFCvtOutput(config, stage, name="output")
+        self.dense_output = TFCvtOutput(config, stage, name="output")  # `output` is a keras.layers.Layer property
         self.drop_path = TFCvtDropPath(config.drop_path_rates(stage)[index], name="drop_path")
         self.layernorm_before = _layer_norm("layernorm_before")
         self.layernorm_after = _layer_norm("layernorm_after")
@@ -514,15 +510,17 @@ class TFCvtStage(keras.layers.Layer):
         self.stage = stage
         self.embed_dim = config.embed_dim[stage]
         self.in_channels = config.stage_in_channels(stage)
+        self.with_cls_token = bool(config.cls_token[stage])
         self.cls_token = None
-        if config.cls_token[stage]:
+        if self.with_cls_token:
             # Created directly (add_weight would open this layer's name scope) and while the model is being
             # constructed, outside any scope, so its path is transformers' TF variable name exactly.
             self.cls_token = keras.Variable(
                 initializer=_kernel_initializer(config), shape=(1, 1, self.embed_dim), dtype=self.variable_dtype,
                 trainable=True, name=f"cvt.encoder.stages.{stage}.cls_token")
         self.embedding = TFCvtEmbeddings(config, stage, name="embedding")
-        self.blocks = [TFCvtLayer(config, stage, j, name=f"layers.{j}") for j in range(config.depth[stage])]
+        # torch's `layers`: the attribute name is part of the paths in .keras / .weights.h5 files, kept so they load
+        self.blocks = [TFCvtLayer(config, stage, index, name=f"layers.{index}") for index in range(config.depth[stage])]
 
     def build(self, input_shape=None):
         self.embedding.build((None, None, None, self.in_channels))
@@ -934,15 +932,18 @@ class TFCvtPreTrainedModel(keras.Model):
         directory = os.fspath(directory)
         config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
                                               **config_overrides)
-        model = cls(config, data_format=data_format)
-        model.build_with_dummy_input()
-        by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}
-        for name, variable in model.canonical_weights().items():
-            source = plan.assignments.get(name)
-            if source is None:
-                continue
-            value = by_name[name].to_keras(np.asarray(state[source]))
-            variable.assign(np.asarray(value, dtype=variable.dtype))
+        try:
+            model = cls(config, data_format=data_format)
+            model.build_with_dummy_input()
+            by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}
+            for name, variable in model.canonical_weights().items():
+                source = plan.assignments.get(name)
+                if source is None:
+                    continue
+                value = by_name[name].to_keras(np.asarray(state[source]))
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+        finally:
+            state.close()
         if plan.fresh_head:
             warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
                           f"{', '.join(plan.fresh_head)}. Train the model before using its predictions.", stacklevel=2)
@@ -1035,20 +1036,30 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
                            output_attentions=output_attentions, training=training)
-        if self.config.cls_token[-1]:
-            tokens = outputs.cls_token_value
-        else:
-            grid = outputs.last_hidden_state
-            if self.data_format == "channels_first":
-                grid = tf.transpose(grid, (0, 2, 3, 1))
-            batch, height, width, channels = _shape_list(grid)
-            tokens = tf.reshape(grid, (batch, height * width, channels))
-        pooled = tf.reduce_mean(_apply_layer_norm(self.layernorm, tokens), axis=1)
-        logits = self.classifier(pooled)
+        logits = self.forward_head(self._normalised_tokens(outputs))
         loss = None if labels is None else self.compute_classification_loss(labels, logits)
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                               attentions=outputs.attentions)
         return result if return_dict else result.to_tuple()
+
+    def forward_features(self, pixel_values, training=False):
+        """Normalised final tokens: (B, 1, C_last) with a final cls token, else (B, H'*W', C_last)."""
+        if not self.built:
+            self.build_with_dummy_input()
+        return self._normalised_tokens(self.cvt(pixel_values, training=training))
+
+    def forward_head(self, features, pre_logits: bool = False):
+        """Mean over the tokens of `forward_features`' output, then the classifier (skipped with `pre_logits`)."""
+        pooled = tf.reduce_mean(features, axis=1)
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def _normalised_tokens(self, outputs: CvtModelOutput):
+        if self.config.cls_token[-1]:
+            return _apply_layer_norm(self.layernorm, outputs.cls_token_value)
+        grid = outputs.last_hidden_state
+        if self.data_format == "channels_first":
+            grid = tf.transpose(grid, (0, 2, 3, 1))
+        return _apply_layer_norm(self.layernorm, _grid_to_tokens(grid))
 
     def problem_type_for(self, labels) -> str:
         """config.problem_type, or transformers' inference from num_labels and the labels' dtype."""

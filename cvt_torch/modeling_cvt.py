@@ -26,11 +26,10 @@ Hooks, replaced modules and patched forwards run where they are, on that one pat
 from __future__ import annotations
 
 import copy
-import logging
 import os
+import warnings
 from typing import List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,11 +37,11 @@ from torch import nn
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state
 from cvt_core.config import CvtConfig
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
-from cvt_core.shapes import check_pixel_values_shape
+from cvt_core.shapes import attention_projection, check_pixel_values_shape
 
 from . import kernels
+from .numpy_bridge import model_with_weights, tensor_to_numpy
 
-logger = logging.getLogger(__name__)
 
 # Every LayerNorm of CvT uses 1e-5, as the released weights were trained; `config.layer_norm_eps` is not read.
 LAYER_NORM_EPS = 1e-5
@@ -66,6 +65,22 @@ def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
     if bool(invalid.any()):
         bad = labels[invalid][0].item()
         raise ValueError(f"labels must be class indices in [0, num_labels={num_labels}); got {bad}")
+
+
+def _weighted_mean(per_sample: torch.Tensor, sample_weight, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum(w * loss) / sum(w) in float32 over the samples that are `counted`, 0 when the weights sum to 0 (as
+    TensorFlow's divide_no_nan in the Keras model); in the dtype of `per_sample`."""
+    weights = torch.as_tensor(sample_weight, device=per_sample.device).reshape(-1).to(torch.float32)
+    if weights.numel() != per_sample.numel():
+        raise ValueError(f"sample_weight must hold one weight per sample: got {weights.numel()} weights for "
+                         f"{per_sample.numel()} samples")
+    if counted is not None:
+        weights = weights * counted.to(torch.float32)
+    total = (per_sample.to(torch.float32) * weights).sum()
+    denominator = weights.sum()
+    has_weight = denominator != 0
+    loss = torch.where(has_weight, total / torch.where(has_weight, denominator, 1.0), 0.0)
+    return loss.to(per_sample.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
@@ -132,9 +147,11 @@ def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
 class CvtConvEmbeddings(nn.Module):
     """Strided convolution from the previous grid to this stage's tokens, then LayerNorm over channels."""
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, stride: int, padding: int):
+    def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
-        self.projection = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=stride, padding=padding)
+        embed_dim = config.embed_dim[stage]
+        self.projection = nn.Conv2d(config.stage_in_channels(stage), embed_dim, kernel_size=config.patch_sizes[stage],
+                                    stride=config.patch_stride[stage], padding=config.patch_padding[stage])
         self.normalization = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
 
     def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
@@ -148,13 +165,7 @@ class CvtEmbeddings(nn.Module):
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
-        self.convolution_embeddings = CvtConvEmbeddings(
-            in_channels=config.stage_in_channels(stage),
-            embed_dim=config.embed_dim[stage],
-            patch_size=config.patch_sizes[stage],
-            stride=config.patch_stride[stage],
-            padding=config.patch_padding[stage],
-        )
+        self.convolution_embeddings = CvtConvEmbeddings(config, stage)
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
     def forward(self, pixel_values: torch.Tensor, cls_token: Optional[torch.Tensor] = None):
@@ -171,10 +182,12 @@ class CvtSelfAttentionConvProjection(nn.Module):
     While the BatchNorm is not training it is folded into the depthwise kernel (one convolution; the BatchNorm
     module itself, and hooks on it or on the convolution, then do not run)."""
 
-    def __init__(self, embed_dim: int, kernel_size: int, padding: int, stride: int):
+    def __init__(self, config: CvtConfig, stage: int, role: str):
         super().__init__()
+        embed_dim, projection = config.embed_dim[stage], attention_projection(config, stage, role)
         self.convolution = nn.Conv2d(
-            embed_dim, embed_dim, kernel_size=kernel_size, padding=padding, stride=stride, bias=False, groups=embed_dim
+            embed_dim, embed_dim, kernel_size=projection.kernel_size, padding=projection.padding,
+            stride=projection.stride, bias=False, groups=embed_dim
         )
         self.normalization = nn.BatchNorm2d(embed_dim, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
 
@@ -200,22 +213,25 @@ class CvtSelfAttentionConvProjection(nn.Module):
 
 
 class CvtSelfAttentionProjection(nn.Module):
-    """Spatial part of one of the q/k/v projections, returning tokens (B, T, C).
+    """Spatial part of one of the q/k/v projections (`role`), returning tokens (B, T, C).
 
     "dw_bn": depthwise conv + BN. "avg" (keys and values): AvgPool2d with ceil_mode, as the original code.
     "linear" (and the query of "avg"): no spatial operation. Only "dw_bn" has weights.
     """
 
-    def __init__(self, method: str, embed_dim: int, kernel_size: int, padding: int, stride: int):
+    def __init__(self, config: CvtConfig, stage: int, role: str):
         super().__init__()
-        if method == "dw_bn":
-            self.convolution_projection = CvtSelfAttentionConvProjection(embed_dim, kernel_size, padding, stride)
-        elif method == "avg":
-            self.convolution_projection = nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
-        elif method == "linear":
+        projection = attention_projection(config, stage, role)
+        if projection.method == "dw_bn":
+            self.convolution_projection = CvtSelfAttentionConvProjection(config, stage, role)
+        elif projection.method == "avg":
+            self.convolution_projection = nn.AvgPool2d(projection.kernel_size, projection.stride, projection.padding,
+                                                       ceil_mode=True)
+        elif projection.method == "linear":
             self.convolution_projection = nn.Identity()
         else:
-            raise ValueError(f"qkv_projection_method={method!r} is unknown; choose 'dw_bn', 'avg' or 'linear'")
+            raise ValueError(f"qkv_projection_method={projection.method!r} is unknown; choose 'dw_bn', 'avg' or "
+                             f"'linear'")
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return _grid_to_tokens(self.convolution_projection(grid))
@@ -237,14 +253,9 @@ class CvtSelfAttention(nn.Module):
         # The scale uses the whole stage width, not the head width: the original code does so and the released
         # weights were trained with it (transformers too), so changing it would change every pretrained output.
         self.scale = self.embed_dim ** -0.5
-        method, kernel = config.qkv_projection_method[stage], config.kernel_qkv[stage]
-        query_method = "linear" if method == "avg" else method
-        self.convolution_projection_query = CvtSelfAttentionProjection(
-            query_method, self.embed_dim, kernel, config.padding_q[stage], config.stride_q[stage])
-        self.convolution_projection_key = CvtSelfAttentionProjection(
-            method, self.embed_dim, kernel, config.padding_kv[stage], config.stride_kv[stage])
-        self.convolution_projection_value = CvtSelfAttentionProjection(
-            method, self.embed_dim, kernel, config.padding_kv[stage], config.stride_kv[stage])
+        self.convolution_projection_query = CvtSelfAttentionProjection(config, stage, "query")
+        self.convolution_projection_key = CvtSelfAttentionProjection(config, stage, "key")
+        self.convolution_projection_value = CvtSelfAttentionProjection(config, stage, "value")
         bias = bool(config.qkv_bias[stage])
         self.projection_query = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
         self.projection_key = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
@@ -339,14 +350,15 @@ class CvtOutput(nn.Module):
 
 
 class CvtLayer(nn.Module):
-    """Pre-norm transformer block: x + drop_path(attn(LN(x))), then x + drop_path(mlp(LN(x)))."""
+    """Pre-norm transformer block `index` of `stage`: x + drop_path(attn(LN(x))), then x + drop_path(mlp(LN(x))),
+    with the block's rate of the per-layer drop-path schedule (`CvtConfig.drop_path_rates`)."""
 
-    def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float):
+    def __init__(self, config: CvtConfig, stage: int, index: int):
         super().__init__()
         self.attention = CvtAttention(config, stage)
         self.intermediate = CvtIntermediate(config, stage)
         self.output = CvtOutput(config, stage)
-        self.drop_path = CvtDropPath(drop_path_rate)
+        self.drop_path = CvtDropPath(config.drop_path_rates(stage)[index])
         self.layernorm_before = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
 
@@ -376,9 +388,7 @@ class CvtStage(nn.Module):
             # Registered first so the state_dict order matches transformers'; sized by this stage's width.
             self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim[stage]))
         self.embedding = CvtEmbeddings(config, stage)
-        self.layers = nn.ModuleList(
-            CvtLayer(config, stage, rate) for rate in config.drop_path_rates(stage)
-        )
+        self.layers = nn.ModuleList(CvtLayer(config, stage, index) for index in range(config.depth[stage]))
 
     def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, cls_only: bool = False,
                 with_grid: bool = True):
@@ -466,24 +476,6 @@ _register_outputs_as_pytrees()
 
 
 # ---------------------------------------------------------------------------------------------- base class
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        try:
-            import ml_dtypes
-
-            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        except ImportError:  # safetensors' BF16 cannot be written without ml_dtypes; keep the values in float32
-            tensor = tensor.float()
-    return tensor.numpy()
-
-
-def _to_tensor(array: np.ndarray) -> torch.Tensor:
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array))  # a writable copy: checkpoint arrays are read-only memory maps
-
-
 class CvtPreTrainedModel(nn.Module):
     """Shared by `CvtModel` and `CvtForImageClassification`: input checks, initialisation, checkpoint I/O."""
 
@@ -549,41 +541,42 @@ class CvtPreTrainedModel(nn.Module):
         tf_model.h5 (transformers' TF weights) in a folder without PyTorch weights.
 
         A classifier checkpoint loads into `CvtModel` (its head is ignored); a bare checkpoint loads into
-        `CvtForImageClassification` with a freshly initialised head (logged as a warning). Missing, unexpected or
+        `CvtForImageClassification` with a freshly initialised head (with a UserWarning). Missing, unexpected or
         mis-shaped weights raise `WeightLoadError` unless `strict=False` / `ignore_mismatched_sizes=True`, in which
-        case the affected weights keep their fresh initialisation and a warning is logged.
+        case the affected weights keep their fresh initialisation and a UserWarning names them.
         """
         directory = os.fspath(directory)
         config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
                                               **config_overrides)
-
-        model = cls(config)
-        own_state = model.state_dict()
-        with torch.no_grad():
-            for target, source in plan.assignments.items():
-                destination = own_state[target]
-                destination.copy_(_to_tensor(state[source]).to(dtype=destination.dtype))
+        try:
+            model = model_with_weights(cls, config, list(plan.assignments), lambda target: state[plan.assignments[target]])
+        finally:
+            state.close()
         if plan.fresh_head:
-            logger.warning("%s: the checkpoint has no classification head; newly initialised: %s",
-                           directory, ", ".join(plan.fresh_head))
+            warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
+                          f"{', '.join(plan.fresh_head)}", stacklevel=2)
         if plan.missing:
-            logger.warning("%s: weights missing from the checkpoint, left freshly initialised: %s",
-                           directory, ", ".join(plan.missing))
+            warnings.warn(f"{directory}: weights missing from the checkpoint, left freshly initialised: "
+                          f"{', '.join(plan.missing)}", stacklevel=2)
         if plan.unexpected:
-            logger.warning("%s: checkpoint weights not used by %s: %s", directory, cls.__name__, ", ".join(plan.unexpected))
+            warnings.warn(f"{directory}: checkpoint weights not used by {cls.__name__}: {', '.join(plan.unexpected)}",
+                          stacklevel=2)
         if plan.mismatched:
-            logger.warning("%s: weights with a different shape in the checkpoint, left freshly initialised: %s",
-                           directory, ", ".join(f"{n} {got} vs {want}" for n, want, got in plan.mismatched))
+            mismatched = ", ".join(f"{n} {got} vs {want}" for n, want, got in plan.mismatched)
+            warnings.warn(f"{directory}: weights with a different shape in the checkpoint, left freshly initialised: "
+                          f"{mismatched}", stacklevel=2)
         return model.eval()
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write config.json and model.safetensors, loadable by `from_pretrained` here and in transformers."""
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
+        """Write config.json and model.safetensors, loadable by `from_pretrained` here and in transformers; returns
+        `directory`."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         config = copy.deepcopy(self.config)
         config.extra["architectures"] = [type(self).__name__]
         config.save_pretrained(directory)
-        save_pretrained_state(directory, {name: _to_numpy(t) for name, t in self.state_dict().items()})
+        save_pretrained_state(directory, {name: tensor_to_numpy(t) for name, t in self.state_dict().items()})
+        return directory
 
     @property
     def num_parameters(self) -> int:
@@ -676,32 +669,53 @@ class CvtForImageClassification(CvtPreTrainedModel):
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
                            output_attentions=output_attentions, return_dict=True, cls_only=self._inference())
         logits = self.forward_head(self._normalised_tokens(outputs))
-        loss = self.compute_loss(logits, labels) if labels is not None else None
+        loss = self.compute_classification_loss(labels, logits) if labels is not None else None
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                           attentions=outputs.attentions)
         return result if return_dict else result.to_tuple()
 
-    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """transformers' rule: `config.problem_type`, or else inferred for this call only (the config is not
-        changed): one label -> MSE regression; integer labels -> cross-entropy; otherwise multi-label BCE."""
+    def problem_type_for(self, labels: torch.Tensor) -> str:
+        """`config.problem_type`, or else transformers' inference for this call only (the config is not changed):
+        one label -> regression; integer labels -> single-label classification; otherwise multi-label."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.config.num_labels == 1:
+            return "regression"
+        if not labels.is_floating_point() and labels.dtype != torch.bool:
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    def compute_classification_loss(self, labels: torch.Tensor, logits: torch.Tensor,
+                                    sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """transformers' loss for `problem_type_for(labels)`: MSE (regression), cross-entropy ignoring label
+        `IGNORE_INDEX` (single label) or BCE with logits (multi label), each a mean over the batch. With
+        `sample_weight` (one weight per sample) the mean is weighted per sample, sum(w * loss) / sum(w) over the
+        samples that count, and 0 when no weight is left: the Keras model's rule."""
         num_labels = self.config.num_labels
         if num_labels == 0:
             raise ValueError("this model has num_labels=0 (no classifier), so it cannot compute a loss from labels")
-        problem_type = self.config.problem_type
-        if problem_type is None:
-            if num_labels == 1:
-                problem_type = "regression"
-            elif not labels.is_floating_point() and labels.dtype != torch.bool:
-                problem_type = "single_label_classification"
-            else:
-                problem_type = "multi_label_classification"
+        problem_type = self.problem_type_for(labels)
         if problem_type == "regression":
             labels = labels.to(logits.dtype)
+            if sample_weight is None:
+                if num_labels == 1:
+                    return F.mse_loss(logits.squeeze(), labels.squeeze())
+                return F.mse_loss(logits, labels)
             if num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze())
-            return F.mse_loss(logits, labels)
+                per_sample = F.mse_loss(logits.reshape(-1), labels.reshape(-1), reduction="none")
+            else:
+                per_sample = F.mse_loss(logits, labels, reduction="none").mean(dim=-1)
+            return _weighted_mean(per_sample, sample_weight)
         if problem_type == "single_label_classification":
             labels = labels.reshape(-1).long()
             check_class_labels(labels, num_labels)
-            return F.cross_entropy(logits.view(-1, num_labels), labels)
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            if sample_weight is None:
+                return F.cross_entropy(logits.view(-1, num_labels), labels)
+            per_sample = F.cross_entropy(logits.view(-1, num_labels), labels, reduction="none")
+            return _weighted_mean(per_sample, sample_weight, counted=labels != IGNORE_INDEX)
+        labels = labels.to(logits.dtype)
+        if sample_weight is None:
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=-1)
+        return _weighted_mean(per_sample, sample_weight)
+

@@ -33,8 +33,8 @@ from cvt_core.checkpoint import (
     read_shard_index,
     read_torch_bin,
     read_weights_file,
-    tensor_view_problem,
 )
+from cvt_core.torch_pickle import tensor_view_problem
 
 HEAD = "classifier.weight"  # (3, 24) in TINY_CONFIG
 
@@ -103,14 +103,19 @@ def write_torch_zip(path, items, records) -> None:
         archive.writestr("archive/version", "3\n")
 
 
-def write_torch_legacy(path, items, records) -> None:
+LITTLE_ENDIAN_SYS_INFO = dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))
+
+
+def write_torch_legacy(path, items, records, sys_info=LITTLE_ENDIAN_SYS_INFO, magic=0x1950A86A20F9469CFC6C) -> None:
     """torch.save's pre-1.6 layout: magic, protocol and system pickles, the state pickle, the storage keys, then
-    each storage as its element count (int64) and bytes."""
+    each storage as its element count (int64) and bytes. `magic` or `sys_info` may be opcodes (`_Op`)."""
+    def dump(value, f):
+        f.write(b"\x80\x02" + bytes(value) + b"." if isinstance(value, _Op) else pickle.dumps(value, protocol=2))
+
     with open(path, "wb") as f:
-        pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
-        pickle.dump(1001, f, protocol=2)
-        pickle.dump(dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4)), f,
-                    protocol=2)
+        dump(magic, f)
+        dump(1001, f)
+        dump(sys_info, f)
         f.write(_state_pickle(items))
         pickle.dump(sorted(records), f, protocol=2)
         for key in sorted(records):
@@ -122,9 +127,9 @@ def _contiguous(shape):
     return tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
 
 
-def state_as_torch_zip(path, state, bad=None) -> None:
-    """A whole state dict as a hand-made torch zip file; `bad` (name -> (offset, size, stride, numel)) replaces
-    one tensor's view and storage length with lies."""
+def state_as_torch_file(path, state, bad=None, legacy=False) -> None:
+    """A whole state dict as a hand-made torch file, zip or `legacy` layout; `bad` (name -> (offset, size, stride,
+    numel)) replaces one tensor's view and storage length with lies."""
     items, records = {}, {}
     for i, (name, array) in enumerate(state.items()):
         array = np.asarray(array)
@@ -132,9 +137,12 @@ def state_as_torch_zip(path, state, bad=None) -> None:
         if bad and name in bad:
             view = bad[name]
             array = array.reshape(-1)[: view[3]]
-        items[name] = _tensor(str(i), *view, storage=_STORAGE_TYPES[array.dtype])
-        records[str(i)] = array.tobytes()
-    write_torch_zip(path, items, records)
+        items[name] = _tensor(str(i), *view, storage=_STORAGE_TYPES[array.dtype], legacy=legacy)
+        records[str(i)] = (array.size, array.tobytes())
+    if legacy:
+        write_torch_legacy(path, items, records)
+    else:
+        write_torch_zip(path, items, {key: data for key, (_, data) in records.items()})
 
 
 def _one_line(exc_info) -> str:
@@ -181,8 +189,6 @@ def _folder_with(tmp_path, tiny, name, writer):
 
 # ------------------------------------------------------------------------------------------ the crafting is right
 def test_hand_made_torch_files_load_identically_in_torch_and_our_readers(tmp_path):
-    from conversion.formats import _legacy_torch_load
-
     def items(legacy):
         return {
             "strided": _tensor("0", 1, (3, 2), (1, 3), 12, legacy=legacy),  # a transposed view at an offset
@@ -198,7 +204,10 @@ def test_hand_made_torch_files_load_identically_in_torch_and_our_readers(tmp_pat
                        {"0": (12, data.tobytes()), "1": (0, b""), "2": (2, longs.tobytes())})
     expected = torch.load(tmp_path / "ok.bin", weights_only=True)
     assert list(expected) == list(items(False))
-    for ours in (read_torch_bin(str(tmp_path / "ok.bin")), _legacy_torch_load(str(tmp_path / "ok.pt"))):
+    legacy = torch.load(tmp_path / "ok.pt", weights_only=True)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(legacy[key].numpy(), tensor.numpy(), err_msg=key)
+    for ours in (read_torch_bin(str(tmp_path / "ok.bin")), read_torch_bin(str(tmp_path / "ok.pt"))):
         assert list(ours) == list(expected)
         for key, tensor in expected.items():
             assert ours[key].dtype == tensor.numpy().dtype and ours[key].shape == tuple(tensor.shape), key
@@ -207,7 +216,7 @@ def test_hand_made_torch_files_load_identically_in_torch_and_our_readers(tmp_pat
 
 
 def test_hand_made_state_dict_converts_like_the_original(tiny, tmp_path):
-    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_zip(p, tiny[1]))
+    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_file(p, tiny[1]))
     loaded = torch.load(folder / "pytorch_model.bin", weights_only=True)
     assert {k: v.numpy().tolist() for k, v in loaded.items()} == {k: v.tolist() for k, v in tiny[1].items()}
     code, out, err = cli("convert", folder, tmp_path / "dst", "--to", "torch", "--no-check")
@@ -243,10 +252,11 @@ BAD_VIEWS = {
 }
 
 
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
 @pytest.mark.parametrize("case", sorted(BAD_VIEWS))
-def test_tensor_view_outside_its_storage_is_refused(tiny, tmp_path, case):
+def test_tensor_view_outside_its_storage_is_refused(tiny, tmp_path, case, layout):
     view, fragment = BAD_VIEWS[case]
-    state_as_torch_zip(tmp_path / "bad.bin", tiny[1], bad={HEAD: view})
+    state_as_torch_file(tmp_path / "bad.bin", tiny[1], bad={HEAD: view}, legacy=layout == "legacy")
     with pytest.raises(CheckpointError, match="refusing to load") as exc:
         read_torch_bin(str(tmp_path / "bad.bin"))
     assert fragment in _one_line(exc) and str(tmp_path / "bad.bin") in str(exc.value)
@@ -283,6 +293,90 @@ def test_storage_record_that_disagrees_with_the_pickle_is_refused(tmp_path, case
     assert fragment in _one_line(exc)
 
 
+LEGACY_STORAGE_LIES = {
+    # name -> (persistent ids of the tensors, each viewed as (3,); the stored (count, bytes) per key; the error)
+    "count-disagrees-with-the-pickle": ([("storage", _FLOAT, "0", "cpu", 12, None)], {"0": (8, b"\0" * 32)},
+                                        "storage 0 holds 8 elements, but the pickle says 12 FloatStorage elements"),
+    "bytes-shorter-than-the-count": ([("storage", _FLOAT, "0", "cpu", 12, None)], {"0": (12, b"\0" * 20)},
+                                     "truncated or corrupt: storage 0 needs bytes"),
+    "storage-missing-from-the-list": ([("storage", _FLOAT, "7", "cpu", 3, None)], {}, "storage 7 is missing"),
+    "storage-no-tensor-uses": ([("storage", _FLOAT, "0", "cpu", 3, None)], {"0": (3, b"\0" * 12), "1": (1, b"\0" * 4)},
+                               "the storage list names '1', which no tensor uses"),
+    "storage-view-past-the-end": ([("storage", _FLOAT, "0", "cpu", 4, ("9", 2, 3))], {"0": (4, b"\0" * 16)},
+                                  "storage view ('9', 2, 3) does not lie inside storage 0 of 4 elements"),
+    "storage-view-not-a-triple": ([("storage", _FLOAT, "0", "cpu", 4, ("9", 0))], {"0": (4, b"\0" * 16)},
+                                  "does not lie inside storage 0"),
+    "zip-style-persistent-id": ([("storage", _FLOAT, "0", "cpu", 3)], {"0": (3, b"\0" * 12)},
+                                "unsupported persistent id"),
+    "same-storage-two-lengths": ([("storage", _FLOAT, "0", "cpu", 3, None), ("storage", _FLOAT, "0", "cpu", 4, None)],
+                                 {"0": (3, b"\0" * 12)}, "storage 0 is named as FloatStorage of 4 elements"),
+    "negative-numel": ([("storage", _FLOAT, "0", "cpu", -3, None)], {"0": (3, b"\0" * 12)}, "corrupt persistent id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEGACY_STORAGE_LIES))
+def test_legacy_storage_that_disagrees_with_the_pickle_is_refused(tmp_path, case):
+    pids, records, fragment = LEGACY_STORAGE_LIES[case]
+    items = {f"w{i}": _tensor(None, 0, (3,), (1,), None, pid=pid) for i, pid in enumerate(pids)}
+    write_torch_legacy(tmp_path / "bad.pt", items, records)
+    with pytest.raises(CheckpointError) as exc:
+        read_torch_bin(str(tmp_path / "bad.pt"))
+    assert fragment in _one_line(exc) and str(tmp_path / "bad.pt") in str(exc.value)
+
+
+def test_legacy_view_into_a_storage_reads_only_its_elements(tmp_path):
+    # old torch versions pickled views into a storage: (view key, offset, size) after the root storage's id
+    data = np.arange(6, dtype=np.float32)
+    items = {"w": _tensor(None, 1, (2,), (1,), None, pid=("storage", _FLOAT, "0", "cpu", 6, ("9", 2, 3)))}
+    write_torch_legacy(tmp_path / "view.pt", items, {"0": (6, data.tobytes())})
+    np.testing.assert_array_equal(read_torch_bin(str(tmp_path / "view.pt"))["w"], data[3:5])
+
+
+def test_legacy_file_whose_pickles_ask_for_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "PWNED"
+    touch = _call(_global("os", "system"), f"touch {marker}")
+    write_torch_legacy(tmp_path / "object.pt", {"w": touch}, {})
+    write_torch_legacy(tmp_path / "sys-info.pt", {}, {}, sys_info=touch)
+    write_torch_legacy(tmp_path / "magic.pt", {}, {}, magic=touch)
+    for name, fragment in (("object.pt", "refusing to load: the pickle asks for os.system"),
+                           ("sys-info.pt", "refusing to load: the pickle asks for os.system"),
+                           ("magic.pt", "not a PyTorch checkpoint")):
+        with pytest.raises(CheckpointError) as exc:
+            read_torch_bin(str(tmp_path / name))
+        assert fragment in _one_line(exc), name
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("wrong-magic", "not a PyTorch checkpoint"),
+    ("big-endian", "big-endian byte order, which is not supported"),
+    ("sys-info-not-a-dict", "the system information is [1]"),
+])
+def test_legacy_header_that_is_not_torch_save_s_is_refused(tmp_path, case, fragment):
+    items, records = {"w": _tensor("0", 0, (3,), (1,), 3, legacy=True)}, {"0": (3, b"\0" * 12)}
+    options = {"wrong-magic": dict(magic=12345), "big-endian": dict(sys_info=dict(LITTLE_ENDIAN_SYS_INFO,
+               little_endian=False)), "sys-info-not-a-dict": dict(sys_info=[1])}[case]
+    write_torch_legacy(tmp_path / "bad.pt", items, records, **options)
+    with pytest.raises(CheckpointError) as exc:
+        read_torch_bin(str(tmp_path / "bad.pt"))
+    assert fragment in _one_line(exc)
+
+
+def test_legacy_file_cut_anywhere_is_refused_in_one_line(tmp_path):
+    data = np.arange(12, dtype=np.float32)
+    write_torch_legacy(tmp_path / "ok.pt", {"a": _tensor("0", 1, (3, 2), (1, 3), 12, legacy=True),
+                                            "b": _tensor("1", 0, (2,), (1,), 2, storage="LongStorage", legacy=True)},
+                       {"0": (12, data.tobytes()), "1": (2, np.array([3, 4], np.int64).tobytes())})
+    whole = (tmp_path / "ok.pt").read_bytes()
+    assert set(read_torch_bin(str(tmp_path / "ok.pt"))) == {"a", "b"}
+    for cut in range(1, len(whole)):
+        (tmp_path / "cut.pt").write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError) as exc:
+            read_torch_bin(str(tmp_path / "cut.pt"))
+        text = _one_line(exc)
+        assert "truncated or corrupt" in text or "not a PyTorch checkpoint" in text, (cut, text)
+
+
 def test_rebuilding_a_tensor_from_something_that_is_not_a_storage_is_refused(tmp_path):
     fake = _call(_global("torch._utils", "_rebuild_tensor_v2"), 5, 0, (3,), (1,), False, _ORDERED_DICT)
     write_torch_zip(tmp_path / "bad.bin", {"w": fake}, {})
@@ -295,14 +389,14 @@ def test_rebuilding_a_tensor_from_something_that_is_not_a_storage_is_refused(tmp
 @pytest.mark.parametrize("case", ["view-larger-than-storage", "negative-offset"])
 def test_convert_refuses_a_view_outside_its_storage_and_writes_nothing(tiny, tmp_path, case):
     view, fragment = BAD_VIEWS[case]
-    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_zip(p, tiny[1], {HEAD: view}))
+    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_file(p, tiny[1], {HEAD: view}))
     _assert_convert_refuses(folder, tmp_path, "pytorch_model.bin", fragment)
 
 
 def test_from_pretrained_raises_checkpoint_error_for_a_view_outside_its_storage(tiny, tmp_path):
     # a stride of 2**40 elements used to crash the process (segmentation fault); hence the child process
     view, fragment = BAD_VIEWS["huge-stride"]
-    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_zip(p, tiny[1], {HEAD: view}))
+    folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", lambda p: state_as_torch_file(p, tiny[1], {HEAD: view}))
     script = ("import sys\n"
               "from cvt_core.checkpoint import CheckpointError\n"
               "from cvt_torch import CvtForImageClassification\n"
@@ -319,13 +413,14 @@ def test_from_pretrained_raises_checkpoint_error_for_a_view_outside_its_storage(
 
 
 def test_convert_refuses_a_legacy_format_file_with_a_view_outside_its_storage(tiny, tmp_path):
-    # torch.load reads the pre-1.6 format; it must refuse too, in one line
+    # the pre-1.6 layout goes through the same unpickler and the same view check as the zip layout
     def write(path):
         write_torch_legacy(path, {HEAD: _tensor("0", 0, (3, 24), (24, 1), 8, legacy=True)},
                            {"0": (8, np.zeros(8, np.float32).tobytes())})
 
     folder = _folder_with(tmp_path, tiny, "pytorch_model.bin", write)
-    _assert_convert_refuses(folder, tmp_path, "pytorch_model.bin", "truncated or corrupt")
+    _assert_convert_refuses(folder, tmp_path, "pytorch_model.bin", "refusing to load",
+                            "reaches beyond its storage of 8 elements")
 
 
 # ------------------------------------------------------------------------------------------ shard indexes
@@ -393,7 +488,7 @@ def test_convert_and_from_pretrained_refuse_a_shard_outside_the_folder(tiny, tmp
 
 def test_convert_refuses_a_bin_shard_index_naming_a_file_outside_the_folder(tiny, tmp_path):
     folder, _ = _index_folder(tmp_path, tiny, "../outside.bin", index_name="pytorch_model.bin.index.json")
-    state_as_torch_zip(tmp_path / "outside.bin", tiny[1])
+    state_as_torch_file(tmp_path / "outside.bin", tiny[1])
     _assert_convert_refuses(folder, tmp_path, "a shard must be a plain file name")
 
 

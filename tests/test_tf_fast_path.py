@@ -95,8 +95,8 @@ def test_layer_norm_equals_keras_layer_norm():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_folded_batch_norm_equals_convolution_then_batch_norm(stride):
-    config = CvtConfig(**TINY)
-    projection = TFCvtSelfAttentionConvProjection(config, 1, stride=stride, padding=1)
+    config = CvtConfig(**TINY, stride_kv=[2, stride, 2], padding_kv=[1, 1, 1])
+    projection = TFCvtSelfAttentionConvProjection(config, 1, "key")
     projection.build(None)
     _randomize(projection, 3)
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 32)).astype(np.float32)

@@ -380,7 +380,7 @@ def test_batchnorm_statistics_only_change_in_training():
 def test_drop_path_rate_follows_the_per_layer_linspace_of_each_stage():
     config = CvtConfig(**dict(TINY, depth=[1, 2, 5], drop_path_rate=[0.0, 0.1, 0.4]))
     model = TFCvtModel(config)
-    rates = [[block.drop_path.rate for block in stage.blocks] for stage in model.cvt.encoder.stages]
+    rates = [[block.drop_path.drop_prob for block in stage.blocks] for stage in model.cvt.encoder.stages]
     assert rates == [config.drop_path_rates(s) for s in range(3)]
     np.testing.assert_allclose(rates[2], [0.0, 0.1, 0.2, 0.3, 0.4])
 
@@ -399,7 +399,7 @@ def test_dropped_residual_branches_leave_the_input_unchanged_not_zero():
     keras.utils.set_random_seed(0)
     config = CvtConfig(**dict(TINY, depth=[2, 2, 3], drop_path_rate=[0.999, 0.0, 0.0]))
     layer = TFCvtLayer(config, 0, 1, name="layers.1")
-    assert layer.drop_path.rate == pytest.approx(0.999)
+    assert layer.drop_path.drop_prob == pytest.approx(0.999)
     tokens = np.random.default_rng(12).standard_normal((4, 6 * 5, 16)).astype(np.float32)
     trained = layer(tokens, height=6, width=5, training=True)[0].numpy()
     np.testing.assert_array_equal(trained, tokens)  # both branches dropped: the residual stream passes through

@@ -203,7 +203,7 @@ def test_drop_path_schedule_is_per_layer_and_identical_in_both_frameworks():
     expected = [[0.0], [0.0, 0.1, 0.2], [0.0, 0.1, 0.2, 0.3, 0.4]]
     torch_rates = [[layer.drop_path.drop_prob for layer in stage.layers]
                    for stage in CvtForImageClassification(config).cvt.encoder.stages]
-    keras_rates = [[block.drop_path.rate for block in stage.blocks]
+    keras_rates = [[block.drop_path.drop_prob for block in stage.blocks]
                    for stage in TFCvtForImageClassification(config).cvt.encoder.stages]
     np.testing.assert_allclose(torch_rates[1] + torch_rates[2], expected[1] + expected[2], atol=1e-12)
     np.testing.assert_allclose(keras_rates[1] + keras_rates[2], expected[1] + expected[2], atol=1e-12)
