@@ -19,6 +19,9 @@ Distributed: under `torchrun --nproc_per_node N` (e.g. `torchrun --nproc_per_nod
 the PyTorch run uses DistributedDataParallel, `--sync-batchnorm` synchronising BatchNorm; with Keras,
 `--strategy mirrored` (all local devices, or `--cpu-replicas N` logical CPU devices) or `--strategy multi-worker`
 (TF_CONFIG). `--batch-size` is always the global batch.
+
+The training itself is `cvt_torch.training.fit` / `cvt_tf.training.fit`; this module parses, prepares the data,
+calls `fit`, then saves, converts, evaluates and reports.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from conversion.errors import ConversionError, CrossCheckFailed, one_line
+from cvt_core.training import FitResult
 from cvt_core.weights import count_parameters
 
 from .arguments import fraction, non_negative_int, positive_float, positive_int
@@ -254,21 +258,13 @@ def _prepare_data(args, echo) -> PreparedData:
                         dataset.labels[val_idx])
 
 
+# ------------------------------------------------------------------------------------------------------------------ fit
 def _threads(args, config) -> int:
     if args.threads is not None:
         return args.threads
     # Small models run fastest on one thread per process: their kernels are too short to amortise the
     # synchronisation of a thread pool (7x slower on a loaded 2-core machine).
     return 1 if count_parameters(config, True) < 5_000_000 else 0
-
-
-def _schedule(args, num_train: int):
-    from cvt_core.batching import num_batches
-
-    steps_per_epoch = num_batches(num_train, args.batch_size)
-    total = steps_per_epoch * args.epochs
-    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
-    return steps_per_epoch, total, warmup
 
 
 def _learning_rate(args) -> float:
@@ -299,140 +295,62 @@ def _progress_bar(enabled: bool):
     return wrap
 
 
-# -------------------------------------------------------------------------------------------------------------- PyTorch
-def _train_torch(args, config, data: PreparedData, run_dir: Optional[str], echo) -> Dict[str, Any]:
-    import torch
-
-    from cvt_torch import training as tt
-
-    context = tt.init_distributed()
-    say = _say(echo, context.is_main)
-    threads_before = torch.get_num_threads()
-    threads = _threads(args, config)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run_torch_training(args, config, data, run_dir, context, say)
-    finally:
-        torch.set_num_threads(threads_before)
-        tt.shutdown_distributed()
+def _fit_settings(args, config, image_size: int) -> Dict[str, Any]:
+    """The keyword arguments of `cvt_torch.training.fit` / `cvt_tf.training.fit` that the options ask for."""
+    return dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=_learning_rate(args),
+                weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                augmentation=_augmentation(args, image_size), seed=args.seed, bf16=args.bf16,
+                threads=_threads(args, config), sync_batchnorm=args.sync_batchnorm, compile=args.compile,
+                strategy=args.strategy, cpu_replicas=args.cpu_replicas, progress=_progress_bar(not args.quiet))
 
 
-def _run_torch_training(args, config, data: PreparedData, run_dir: Optional[str], context, say) -> Dict[str, Any]:
-    import torch
+def _fit(args, config, data: PreparedData, echo) -> FitResult:
+    """Train in the framework of --framework, from --init's weights or from scratch."""
+    if args.framework == "torch":
+        from cvt_torch import CvtForImageClassification
+        from cvt_torch.training import fit
 
-    from cvt_core.batching import iterate_batches
-    from cvt_torch import CvtForImageClassification
-    from cvt_torch import training as tt
-
-    torch.manual_seed(args.seed)
-    if args.init:
-        model = CvtForImageClassification.from_pretrained(args.init, config=config, ignore_mismatched_sizes=True)
-    else:
-        model = CvtForImageClassification(config)
-    runner = tt.prepare_model(model, context, sync_batchnorm=args.sync_batchnorm, compile=args.compile)
-    steps_per_epoch, total, warmup = _schedule(args, len(data.train_labels))
-    optimizer = tt.make_optimizer(model, _learning_rate(args), args.weight_decay)
-    scheduler = tt.make_scheduler(optimizer, total, warmup)
-    augmentation = _augmentation(args, data.processor.size["shortest_edge"])
-    autocast = torch.bfloat16 if args.bf16 else None
-    where = (f"DistributedDataParallel over {context.world_size} processes ({context.backend})"
-             + (", synchronised BatchNorm" if args.sync_batchnorm else "")) if context.distributed else "1 process"
-    say(f"training with PyTorch {torch.__version__} on {context.device.type} ({where}, {torch.get_num_threads()} "
-        f"thread(s) each{', bf16 autocast' if autocast else ''}{', torch.compile' if args.compile else ''}): "
-        f"{args.epochs} epochs x {steps_per_epoch} steps, global batch {args.batch_size}")
-
-    def batches(epoch):
-        return iterate_batches(data.train_pixels, data.train_labels, args.batch_size, shuffle=True, seed=args.seed,
-                               epoch=epoch, augmentation=augmentation, rank=context.rank,
-                               world_size=context.world_size)
-
-    started = time.perf_counter()
-    history = tt.train_classifier(runner, optimizer, scheduler, batches, args.epochs, context,
-                                  validation=(data.val_pixels, data.val_labels), autocast_dtype=autocast,
-                                  echo=say, progress=_progress_bar(not args.quiet))
-    train_seconds = time.perf_counter() - started
-    result = {"history": history, "train_seconds": train_seconds, "is_main": context.is_main,
-              "world_size": context.world_size, "threads": torch.get_num_threads()}
-    if context.is_main and run_dir is not None:
-        checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
-        plain = tt.unwrap(runner)
-        plain.save_pretrained(checkpoint)
-        data.processor.save_pretrained(checkpoint)
-        result["checkpoint"] = checkpoint
-        result["val_logits"] = tt.predict_logits(plain, data.val_pixels)  # float32, as saved
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------- Keras
-def _train_keras(args, config, data: PreparedData, run_dir: Optional[str], echo) -> Dict[str, Any]:
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from conversion.models import import_keras_models
-
-    keras, _, TFCvtForImageClassification = import_keras_models()
-    import tensorflow as tf
-
-    from cvt_tf import training as kt
-
-    threads = _threads(args, config)
-    if args.strategy == "mirrored" and args.cpu_replicas:
-        devices = kt.split_cpu(args.cpu_replicas)
-    else:
-        devices = None
-    kt.set_threads(threads)
-    strategy = kt.make_strategy(args.strategy, devices)
-    chief = kt.is_chief()
-    say = _say(echo, chief)
-    keras.utils.set_random_seed(args.seed)
-    policy_before = keras.mixed_precision.global_policy()
-    if args.bf16:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    steps_per_epoch, total, warmup = _schedule(args, len(data.train_labels))
-    try:
-        with strategy.scope():
+        def build_model():
             if args.init:
-                model = TFCvtForImageClassification.from_pretrained(args.init, config=config,
-                                                                    ignore_mismatched_sizes=True)
-            else:
-                model = TFCvtForImageClassification(config)
-                model.build_with_dummy_input()
-            if args.sync_batchnorm:
-                kt.synchronize_batch_norm(model)
-            model.compile(optimizer=kt.make_optimizer(model, _learning_rate(args), args.weight_decay, total, warmup),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        replicas = strategy.num_replicas_in_sync
-        strategy_name = {"mirrored": "MirroredStrategy", "multi-worker": "MultiWorkerMirroredStrategy"}.get(
-            args.strategy, type(strategy).__name__)
-        where = (f"{strategy_name} over {replicas} replicas"
-                 + (", synchronised BatchNorm" if args.sync_batchnorm else "")) if replicas > 1 else "1 replica"
-        say(f"training with Keras {keras.__version__} / TensorFlow {tf.__version__} ({where}"
-            f"{', mixed_bfloat16' if args.bf16 else ''}): {args.epochs} epochs x {steps_per_epoch} steps, "
-            f"global batch {args.batch_size}")
-        batches = kt.ArrayBatches(data.train_pixels, data.train_labels, args.batch_size, shuffle=True, seed=args.seed,
-                                  augmentation=_augmentation(args, data.processor.size["shortest_edge"]))
-        logger = kt.EpochLogger(args.epochs, echo=say)
-        validation = (data.val_pixels, data.val_labels) if len(data.val_labels) else None
-        started = time.perf_counter()
-        model.fit(batches, epochs=args.epochs, validation_data=validation, validation_batch_size=256,
-                  callbacks=[logger], verbose=0)
-        train_seconds = time.perf_counter() - started
-    finally:
-        keras.mixed_precision.set_global_policy(policy_before)
-    result = {"history": logger.history, "train_seconds": train_seconds, "is_main": chief,
-              "world_size": strategy.num_replicas_in_sync, "threads": threads or None}
-    if chief and run_dir is not None:
-        checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
-        model.save_pretrained(checkpoint)
-        data.processor.save_pretrained(checkpoint)
-        # Evaluate (and save as model.keras) a float32 copy outside the strategy: the numbers are those of the
-        # saved checkpoint, and no other worker has to take part.
-        with tf.distribute.get_strategy().scope():
-            saved = TFCvtForImageClassification.from_pretrained(checkpoint)
-        saved.save(os.path.join(checkpoint, "model.keras"))
-        result["checkpoint"] = checkpoint
-        result["val_logits"] = kt.predict_logits(saved, data.val_pixels)
-    return result
+                return CvtForImageClassification.from_pretrained(args.init, config=config,
+                                                                 ignore_mismatched_sizes=True)
+            return CvtForImageClassification(config)
+    else:
+        from conversion.models import import_keras_models
+
+        _, _, TFCvtForImageClassification = import_keras_models()
+        from cvt_tf.training import fit
+
+        def build_model():
+            if args.init:
+                return TFCvtForImageClassification.from_pretrained(args.init, config=config,
+                                                                   ignore_mismatched_sizes=True)
+            model = TFCvtForImageClassification(config)
+            model.build_with_dummy_input()
+            return model
+
+    return fit(build_model, data.train_pixels, data.train_labels, data.val_pixels, data.val_labels,
+               **_fit_settings(args, config, data.processor.size["shortest_edge"]), echo=echo)
+
+
+def _save_checkpoint(framework: str, model, data: PreparedData, run_dir: str) -> Tuple[str, np.ndarray]:
+    """Write the trained model and its preprocessing to the run's checkpoint folder; returns the folder and the
+    float32 validation logits of what was saved (the reference for the other framework)."""
+    checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
+    model.save_pretrained(checkpoint)
+    data.processor.save_pretrained(checkpoint)
+    if framework == "torch":
+        from cvt_torch.training import predict_logits
+
+        return checkpoint, predict_logits(model, data.val_pixels)
+    from cvt_tf import TFCvtForImageClassification
+    from cvt_tf.training import predict_logits
+
+    # Evaluate (and save as model.keras) a float32 copy, built outside any strategy: the numbers are those of the
+    # saved checkpoint, and no other worker has to take part.
+    saved = TFCvtForImageClassification.from_pretrained(checkpoint)
+    saved.save(os.path.join(checkpoint, "model.keras"))
+    return checkpoint, predict_logits(saved, data.val_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------ other framework
@@ -534,12 +452,11 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
                                                                  else "small CvT from scratch")
     say(f"model: {origin}: embed_dim {config.embed_dim}, depth {config.depth}, heads {config.num_heads}, "
         f"{count_parameters(config, True):,} parameters, {config.num_labels} classes")
-    trainer = _train_torch if args.framework == "torch" else _train_keras
     with atomic_directory(out, **destination) if writes else contextlib.nullcontext() as run_dir:
         if run_dir is not None:
             echo, say = _showing_final(echo, run_dir, out), _showing_final(say, run_dir, out)
-        result = trainer(args, config, data, run_dir, echo)
-        if not result["is_main"] or run_dir is None:
+        result = _fit(args, config, data, echo)
+        if not result.is_main or run_dir is None:
             return TrainResult(None, {})
         report = _finish_run(args, run_dir, out, config, origin, data, result, started, say)
 
@@ -562,23 +479,23 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
     return TrainResult(out, report)
 
 
-def _finish_run(args, run_dir: str, out: str, config, origin: str, data: PreparedData, result: Dict[str, Any],
+def _finish_run(args, run_dir: str, out: str, config, origin: str, data: PreparedData, result: FitResult,
                 started: float, say) -> Dict[str, Any]:
-    """Convert and evaluate in the other framework, plot and write report.json into `run_dir` (the temporary
-    folder); returns the report, whose paths name the final folder `out`."""
+    """Save the checkpoint, convert and evaluate in the other framework, plot and write report.json into `run_dir`
+    (the temporary folder); returns the report, whose paths name the final folder `out`."""
 
     def final(path: Optional[str]) -> Optional[str]:
         return None if path is None else os.path.join(out, os.path.relpath(path, run_dir))
 
     image_size = data.processor.size["shortest_edge"]
     framework = args.framework
-    reference_logits = result["val_logits"]
+    checkpoint, reference_logits = _save_checkpoint(framework, result.model, data, run_dir)
     accuracy = {framework: _accuracy(reference_logits, data.val_labels)}
     conversion = None
     conversion_failed = None
     if not args.no_convert:
         try:
-            conversion = _convert_and_evaluate(framework, result["checkpoint"], run_dir, data, reference_logits, say)
+            conversion = _convert_and_evaluate(framework, checkpoint, run_dir, data, reference_logits, say)
         except CrossCheckFailed as exc:  # the trained checkpoint is still good: keep the run, report the failure
             conversion_failed = str(exc)
         else:
@@ -586,7 +503,7 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
 
     plot_path: Optional[str] = os.path.join(run_dir, PLOT_NAME)
     try:
-        plot_history(result["history"], plot_path,
+        plot_history(result.history, plot_path,
                      title=f"CvT on {data.dataset.source} ({framework}, {len(data.train_labels)} training images)")
     except ImportError:
         say("note: matplotlib is not installed, so no training-curve plot was drawn (pip install matplotlib)")
@@ -603,16 +520,16 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
                      "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "seed": args.seed,
                      "augmentation": vars(_augmentation(args, image_size)), "bf16": args.bf16,
                      "compile": args.compile, "sync_batchnorm": args.sync_batchnorm, "strategy": args.strategy,
-                     "processes_or_replicas": result["world_size"], "threads": result["threads"]},
-        "history": result["history"],
+                     "processes_or_replicas": result.world_size, "threads": result.threads},
+        "history": result.history,
         "validation_accuracy": accuracy,
         "top1_agreement": conversion["top1_agreement"] if conversion else None,
         "max_abs_logit_difference": conversion["max_abs_logit_difference"] if conversion else None,
         "conversion_failed": conversion_failed,
-        "files": {"checkpoint": final(result["checkpoint"]),
+        "files": {"checkpoint": final(checkpoint),
                   "converted": final(conversion["directory"]) if conversion else None,
                   "plot": final(plot_path), "report": os.path.join(out, REPORT_NAME)},
-        "seconds": {"training": result["train_seconds"],
+        "seconds": {"training": result.seconds,
                     "conversion_and_evaluation": conversion["seconds"] if conversion else None,
                     "total": None},
     }

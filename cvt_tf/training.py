@@ -8,11 +8,13 @@ fine-tuning scripts want around it:
   with `split_cpu`) or `MultiWorkerMirroredStrategy` (workers described by `TF_CONFIG`);
 - `synchronize_batch_norm`: BatchNorm statistics over the global batch of a strategy (the Keras twin of
   `torch.nn.SyncBatchNorm`); without it each replica normalises with its own share of the batch;
-- `warmup_cosine_schedule` and `make_optimizer`: AdamW with linear warm-up then cosine decay, no weight decay
+- `WarmupCosineSchedule` and `make_optimizer`: AdamW with linear warm-up then cosine decay, no weight decay
   on biases and norm scales, the same schedule as `cvt_torch.training`;
 - `ArrayBatches`: NumPy arrays as a `keras.utils.PyDataset`, reshuffled and augmented each epoch exactly as
   `cvt_core.batching.iterate_batches` does for the PyTorch loop;
-- `EpochLogger`: one progress line per epoch and a history with wall times.
+- `EpochLogger`: one progress line per epoch and a history with wall times; `BatchProgress`: a progress bar;
+- `fit`: all of it, the loop `cvt train --framework keras` runs, with the arguments of `cvt_torch.training.fit`
+  and the same `cvt_core.training.FitResult` back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -29,6 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from cvt_core.batching import Augmentation, epoch_order, format_epoch, num_batches  # noqa: E402
+from cvt_core.training import FitResult, check_fit_arguments, training_schedule  # noqa: E402
 
 from .layers import TorchBatchNormalization  # noqa: E402
 
@@ -202,3 +205,99 @@ def predict_logits(model: keras.Model, pixels: np.ndarray, batch_size: int = 256
     """float32 logits of `model` on NumPy pixels, in inference mode."""
     return np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0), np.float32)
 
+
+
+class BatchProgress(keras.callbacks.Callback):
+    """Advances a progress bar once per training batch: `progress(iterable, description)` (e.g. a tqdm wrapper)
+    wraps `range(steps_per_epoch)` at the start of each epoch, and each finished batch draws its next item."""
+
+    def __init__(self, progress: Callable[[Iterable, str], Iterable], epochs: int, steps_per_epoch: int):
+        super().__init__()
+        self.progress, self.epochs, self.steps_per_epoch = progress, epochs, steps_per_epoch
+        self._bar: Optional[Iterator] = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._bar = iter(self.progress(range(self.steps_per_epoch), f"epoch {epoch + 1}/{self.epochs}"))
+        next(self._bar, None)  # a wrapping bar counts an item once the next one is asked for
+
+    def on_train_batch_end(self, batch, logs=None):
+        next(self._bar, None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for _ in self._bar:  # finish (and close) the bar
+            pass
+
+
+# ------------------------------------------------------------------------------------------------------------------ fit
+def fit(build_model: Callable[[], keras.Model], train_pixels: np.ndarray, train_labels: np.ndarray,
+        val_pixels: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None, *, epochs: int,
+        batch_size: int, learning_rate: float, weight_decay: float = 0.05, warmup_epochs: float = 0.0,
+        augmentation: Optional[Augmentation] = None, seed: int = 0, bf16: bool = False, threads: Optional[int] = None,
+        sync_batchnorm: bool = False, compile: bool = False, strategy: str = "default",
+        cpu_replicas: Optional[int] = None, echo: Optional[Callable[[str], None]] = print,
+        progress: Optional[Callable[[Iterable, str], Iterable]] = None) -> FitResult:
+    """Train the model `build_model()` returns (built, e.g. with `build_with_dummy_input()`) on NumPy data (NCHW
+    pixels, integer labels) with `compile`/`fit`, AdamW on the warm-up + cosine schedule and a sparse categorical
+    cross-entropy on the logits: what `cvt train --framework keras` runs, with the arguments of
+    `cvt_torch.training.fit`.
+
+    `build_model` is called inside the `strategy` scope (`default`, `mirrored`: every local GPU, else the CPU, or
+    `cpu_replicas` logical CPU devices; `multi-worker`: the cluster in TF_CONFIG), under the `mixed_bfloat16` policy
+    when `bf16` (the global policy is restored afterwards; variables stay float32) and after
+    `keras.utils.set_random_seed(seed)`, because a Keras model takes its distribution, precision and initial weights
+    from where it is built. `seed` also draws the batch order and `augmentation` of every epoch; `batch_size` is
+    the global batch of all replicas; `warmup_epochs` is rounded to whole steps; `sync_batchnorm` computes BatchNorm
+    statistics over the global batch. `threads` (None or 0: TensorFlow's choice) and `cpu_replicas` act only before
+    TensorFlow runs its first operation in the process: afterwards the thread pools stay as they are and
+    `cpu_replicas` raises RuntimeError. `compile` is PyTorch's torch.compile and must stay False. `echo` gets the
+    setup line and one line per epoch, and `progress(range(steps), description)` may show a progress bar per epoch;
+    both on the chief only.
+    """
+    check_fit_arguments(train_pixels, train_labels, val_pixels, val_labels, epochs, batch_size, learning_rate)
+    if compile:
+        raise ValueError("compile=True is torch.compile, an option of cvt_torch.training.fit; Keras compiles its "
+                         "training step itself")
+    if cpu_replicas and strategy != "mirrored":
+        raise ValueError("cpu_replicas needs strategy='mirrored'")
+    devices = split_cpu(cpu_replicas) if cpu_replicas else None
+    set_threads(threads)
+    distribution = make_strategy(strategy, devices)
+    chief = is_chief()
+    say = echo if chief else None
+    keras.utils.set_random_seed(seed)
+    policy_before = keras.mixed_precision.global_policy()
+    if bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    schedule = training_schedule(len(train_labels), batch_size, epochs, warmup_epochs)
+    try:
+        with distribution.scope():
+            model = build_model()
+            if sync_batchnorm:
+                synchronize_batch_norm(model)
+            model.compile(optimizer=make_optimizer(model, learning_rate, weight_decay, schedule.total_steps,
+                                                   schedule.warmup_steps),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        replicas = distribution.num_replicas_in_sync
+        if say is not None:
+            strategy_name = {"mirrored": "MirroredStrategy", "multi-worker": "MultiWorkerMirroredStrategy"}.get(
+                strategy, type(distribution).__name__)
+            where = (f"{strategy_name} over {replicas} replicas"
+                     + (", synchronised BatchNorm" if sync_batchnorm else "")) if replicas > 1 else "1 replica"
+            say(f"training with Keras {keras.__version__} / TensorFlow {tf.__version__} ({where}"
+                f"{', mixed_bfloat16' if bf16 else ''}): {epochs} epochs x {schedule.steps_per_epoch} steps, "
+                f"global batch {batch_size}")
+        batches = ArrayBatches(train_pixels, train_labels, batch_size, shuffle=True, seed=seed,
+                               augmentation=augmentation)
+        logger = EpochLogger(epochs, echo=say)
+        callbacks: List[keras.callbacks.Callback] = [logger]
+        if progress is not None and say is not None:
+            callbacks.append(BatchProgress(progress, epochs, len(batches)))
+        validation = (val_pixels, val_labels) if val_labels is not None and len(val_labels) else None
+        started = time.perf_counter()
+        model.fit(batches, epochs=epochs, validation_data=validation, validation_batch_size=256,
+                  callbacks=callbacks, verbose=0)
+        seconds = time.perf_counter() - started
+    finally:
+        keras.mixed_precision.set_global_policy(policy_before)
+    return FitResult(model=model, history=logger.history, seconds=seconds, steps=int(model.optimizer.iterations),
+                     is_main=chief, world_size=replicas, threads=threads or None)

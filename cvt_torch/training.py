@@ -2,7 +2,14 @@
 synchronised BatchNorm, bf16 autocast and `torch.compile`.
 
 The model needs nothing from here: it is an ordinary `nn.Module` whose `forward(pixel_values, labels)` returns
-`.loss` and `.logits`, so any training loop works. This module is the loop `cvt train` uses, in pieces:
+`.loss` and `.logits`, so any training loop works. `fit` is the whole loop `cvt train --framework torch` runs (the
+same arguments as `cvt_tf.training.fit`, the same `cvt_core.training.FitResult` back):
+
+    result = fit(lambda: CvtForImageClassification(config), train_pixels, train_labels, val_pixels, val_labels,
+                 epochs=15, batch_size=64, learning_rate=2e-3, warmup_epochs=1.0)
+    result.model.save_pretrained("out")               # result.history: one record per epoch
+
+and here it is in pieces:
 
     context = init_distributed()                      # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or none)
     model = CvtForImageClassification(config)
@@ -13,7 +20,8 @@ The model needs nothing from here: it is an ordinary `nn.Module` whose `forward(
         loss, correct = train_step(runner, optimizer, x, y, scheduler, autocast_dtype=torch.bfloat16)
     unwrap(runner).save_pretrained("out")            # BatchNorm running statistics included
 
-`cvt train --framework torch` (also `torchrun --nproc_per_node N -m cvt_cli train ...`) drives this loop.
+Launched by `torchrun --nproc_per_node N` (as in `torchrun --nproc_per_node N -m cvt_cli train ...`), `fit` trains
+with DistributedDataParallel over the N processes.
 
 Synchronised BatchNorm: `torch.nn.SyncBatchNorm` runs only on GPUs; on the CPU (gloo) `convert_sync_batchnorm`
 puts in `DistributedBatchNorm2d`, which computes the same global-batch statistics with differentiable
@@ -34,7 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cvt_core.batching import format_epoch
+from cvt_core.batching import Augmentation, format_epoch, iterate_batches
+from cvt_core.training import FitResult, check_fit_arguments, training_schedule
 
 from .modeling_cvt import check_class_labels
 
@@ -326,3 +335,66 @@ def train_classifier(runner: nn.Module, optimizer: torch.optim.Optimizer, schedu
             echo(format_epoch(record, epochs))
     return history
 
+
+
+# ------------------------------------------------------------------------------------------------------------------ fit
+def fit(build_model: Callable[[], nn.Module], train_pixels: np.ndarray, train_labels: np.ndarray,
+        val_pixels: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None, *, epochs: int,
+        batch_size: int, learning_rate: float, weight_decay: float = 0.05, warmup_epochs: float = 0.0,
+        augmentation: Optional[Augmentation] = None, seed: int = 0, bf16: bool = False, threads: Optional[int] = None,
+        sync_batchnorm: bool = False, compile: bool = False, strategy: str = "default",
+        cpu_replicas: Optional[int] = None, echo: Optional[Callable[[str], None]] = print,
+        progress: Optional[Callable[[Iterable, str], Iterable]] = None) -> FitResult:
+    """Train the model `build_model()` returns on NumPy data (NCHW pixels, integer labels) with AdamW on the
+    warm-up + cosine schedule, the loop `cvt train --framework torch` runs; `cvt_tf.training.fit` takes the same
+    arguments.
+
+    `build_model` is called after the process joins the `torchrun` process group (when launched by torchrun:
+    DistributedDataParallel over its processes, `sync_batchnorm` synchronising BatchNorm) and after
+    `torch.manual_seed(seed)`, so initialisation is reproducible. `seed` also draws the batch order and
+    `augmentation` of every epoch; `batch_size` is the global batch of all processes; `warmup_epochs` is rounded to
+    whole steps. `bf16` trains under bfloat16 autocast (weights stay float32), `compile` runs `torch.compile`, and
+    `threads` (None or 0: PyTorch's choice) sets the CPU threads while training. `strategy` and `cpu_replicas` are
+    Keras options and must stay at their defaults here. `echo` gets the setup line and one line per epoch, and
+    `progress(batches, description)` may wrap each epoch's batches in a progress bar; both on the main process only.
+    """
+    check_fit_arguments(train_pixels, train_labels, val_pixels, val_labels, epochs, batch_size, learning_rate)
+    if strategy != "default" or cpu_replicas:
+        raise ValueError("strategy and cpu_replicas are tf.distribute options of cvt_tf.training.fit; run PyTorch "
+                         "distributed under torchrun (e.g. torchrun --nproc_per_node 2 -m cvt_cli train ...)")
+    context = init_distributed()
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = build_model()
+        runner = prepare_model(model, context, sync_batchnorm=sync_batchnorm, compile=compile)
+        schedule = training_schedule(len(train_labels), batch_size, epochs, warmup_epochs)
+        optimizer = make_optimizer(model, learning_rate, weight_decay)
+        scheduler = make_scheduler(optimizer, schedule.total_steps, schedule.warmup_steps)
+        autocast = torch.bfloat16 if bf16 else None
+        say = echo if context.is_main else None
+        if say is not None:
+            where = (f"DistributedDataParallel over {context.world_size} processes ({context.backend})"
+                     + (", synchronised BatchNorm" if sync_batchnorm else "")) if context.distributed else "1 process"
+            say(f"training with PyTorch {torch.__version__} on {context.device.type} ({where}, "
+                f"{torch.get_num_threads()} thread(s) each{', bf16 autocast' if autocast else ''}"
+                f"{', torch.compile' if compile else ''}): {epochs} epochs x {schedule.steps_per_epoch} steps, "
+                f"global batch {batch_size}")
+
+        def batches(epoch: int):
+            return iterate_batches(train_pixels, train_labels, batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                   augmentation=augmentation, rank=context.rank, world_size=context.world_size)
+
+        validation = (val_pixels, val_labels) if val_pixels is not None else None
+        started = time.perf_counter()
+        history = train_classifier(runner, optimizer, scheduler, batches, epochs, context, validation=validation,
+                                   autocast_dtype=autocast, echo=say, progress=progress)
+        seconds = time.perf_counter() - started
+        # LambdaLR counts its step() calls, one per optimizer step, in last_epoch.
+        return FitResult(model=unwrap(runner), history=history, seconds=seconds, steps=scheduler.last_epoch,
+                         is_main=context.is_main, world_size=context.world_size, threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads_before)
+        shutdown_distributed()

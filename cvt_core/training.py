@@ -1,0 +1,97 @@
+"""What both frameworks' `fit` (`cvt_torch.training.fit`, `cvt_tf.training.fit`) share, in NumPy terms: the checks
+of their data and settings, the step counts of the warm-up + cosine schedule, and `FitResult`, what either returns.
+
+    schedule = training_schedule(num_samples=1437, batch_size=64, epochs=15, warmup_epochs=1.0)
+    schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps      # 23, 345, 23
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+from .batching import num_batches
+
+
+class TrainingSchedule(NamedTuple):
+    """Optimizer steps of a run: per epoch, in all, and those of the linear warm-up before the cosine decay."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def training_schedule(num_samples: int, batch_size: int, epochs: int, warmup_epochs: float) -> TrainingSchedule:
+    """The schedule of `epochs` passes over `num_samples` in global batches of `batch_size` (a short last batch
+    counts as a step). The warm-up is `warmup_epochs` rounded to whole steps, leaving at least the last step to the
+    decay."""
+    steps_per_epoch = num_batches(num_samples, batch_size)
+    total = steps_per_epoch * epochs
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    return TrainingSchedule(steps_per_epoch, total, warmup)
+
+
+def check_fit_arguments(train_pixels: np.ndarray, train_labels: np.ndarray, val_pixels: Optional[np.ndarray],
+                        val_labels: Optional[np.ndarray], epochs: int, batch_size: int, learning_rate: float) -> None:
+    """Raise ValueError (one line) for data or settings that `fit` cannot train on, before any work starts."""
+    if np.ndim(train_pixels) != 4:
+        raise ValueError(f"train_pixels must be a batch of NCHW images (4 dimensions), got shape "
+                         f"{np.shape(train_pixels)}")
+    if len(train_pixels) == 0:
+        raise ValueError("train_pixels holds no images; fit needs at least one training image")
+    if len(train_pixels) != len(train_labels):
+        raise ValueError(f"train_pixels has {len(train_pixels)} images but train_labels {len(train_labels)} labels")
+    if (val_pixels is None) != (val_labels is None):
+        raise ValueError("pass val_pixels and val_labels together (or neither)")
+    if val_pixels is not None and len(val_pixels) != len(val_labels):
+        raise ValueError(f"val_pixels has {len(val_pixels)} images but val_labels {len(val_labels)} labels")
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns, in either framework.
+
+    `model` is the trained model itself (in PyTorch without its DistributedDataParallel / torch.compile
+    wrappers). `history` has one record per epoch with `epoch`, `train_loss`, `train_accuracy`, `learning_rate`,
+    `seconds` (since training began) and, where validation data was given and this process evaluates it,
+    `val_loss` and `val_accuracy`. `seconds` is the time of the whole training loop, `steps` the optimizer steps
+    taken, `world_size` the processes (PyTorch) or replicas (Keras) that trained together, `is_main` whether this
+    process is the one that saves and reports, `threads` the CPU threads used per process (None: the framework's
+    choice)."""
+
+    model: Any
+    history: List[Dict[str, float]]
+    seconds: float
+    steps: int
+    is_main: bool
+    world_size: int
+    threads: Optional[int]
+
+    @property
+    def final(self) -> Dict[str, float]:
+        """The last epoch's record."""
+        return self.history[-1]
+
+    @property
+    def train_loss(self) -> float:
+        return self.final["train_loss"]
+
+    @property
+    def train_accuracy(self) -> float:
+        return self.final["train_accuracy"]
+
+    @property
+    def val_loss(self) -> Optional[float]:
+        return self.final.get("val_loss")
+
+    @property
+    def val_accuracy(self) -> Optional[float]:
+        return self.final.get("val_accuracy")
