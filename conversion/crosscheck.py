@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from cvt_core.config import CvtConfig
+from cvt_core.shapes import default_input_size
 
 from .errors import ConversionError
 
@@ -38,15 +39,8 @@ def default_atol(dtype: Optional[str]) -> float:
     return DEFAULT_ATOL.get(dtype or "float32", DEFAULT_ATOL["float32"])
 
 
-def input_size(config: CvtConfig) -> Tuple[int, int]:
-    size = config.image_size if config.image_size is not None else 224
-    if isinstance(size, (list, tuple)):
-        return (int(size[0]), int(size[-1]))
-    return (int(size), int(size))
-
-
 def seeded_batch(config: CvtConfig, seed: int = SEED, batch: int = BATCH) -> Tuple[np.ndarray, str]:
-    height, width = input_size(config)
+    height, width = default_input_size(config)
     rng = np.random.default_rng(seed)
     pixels = rng.standard_normal((batch, config.num_channels, height, width)).astype(np.float32)
     return pixels, f"{batch} seeded random images {config.num_channels}x{height}x{width} (seed {seed})"
@@ -60,7 +54,7 @@ def load_image(path: str, config: CvtConfig) -> Tuple[np.ndarray, str]:
         from PIL import Image
     except ImportError:
         raise ConversionError(path, "--image needs Pillow (pip install pillow)") from None
-    height, width = input_size(config)
+    height, width = default_input_size(config)
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")

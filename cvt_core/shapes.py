@@ -149,6 +149,17 @@ def stage_output_sizes(config: CvtConfig, height: int, width: int) -> List[Tuple
     return [(g.height, g.width) for g in stage_geometry(config, height, width)]
 
 
+DEFAULT_IMAGE_SIZE = 224  # the released CvT models' resolution, for configs that name none
+
+
+def default_input_size(config: CvtConfig) -> Tuple[int, int]:
+    """(height, width) the config's `image_size` names (an int or a pair), else 224 x 224."""
+    size = config.image_size if config.image_size is not None else DEFAULT_IMAGE_SIZE
+    if isinstance(size, (list, tuple)):
+        return (int(size[0]), int(size[-1]))
+    return (int(size), int(size))
+
+
 def minimum_input_size(config: CvtConfig) -> int:
     """Smallest square side every stage accepts."""
     side = 1

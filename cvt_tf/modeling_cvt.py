@@ -51,10 +51,12 @@ import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk and stores)
 
+from cvt_core.atomic import atomic_write  # noqa: E402
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
-from cvt_core.shapes import attention_projection, check_pixel_values_shape, minimum_input_size  # noqa: E402
+from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,  # noqa: E402
+                             minimum_input_size)
 from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
 
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
@@ -866,6 +868,67 @@ class TFCvtPreTrainedModel(keras.Model):
         if getattr(images, "shape", None) is not None and len(images.shape) > 0 and images.shape[0] == 0:
             return self.predict_on_batch(x)
         return super().predict(x, *args, **kwargs)
+
+    # ---------------------------------------------------------------- export
+    def serving_input_signature(self, height: Optional[int] = None, width: Optional[int] = None) -> List[keras.InputSpec]:
+        """What `export` serves unless told otherwise: `pixel_values` float32 of any batch, in the model's data
+        format, of any height and width (None) or of the given ones."""
+        channels = self.config.num_channels
+        shape = ((None, channels, height, width) if self.data_format == "channels_first"
+                 else (None, height, width, channels))
+        return [keras.InputSpec(shape=shape, dtype="float32", name="pixel_values")]
+
+    def serving_outputs(self, pixel_values) -> Dict[str, Any]:
+        """What the exported artifacts return: the output container's tensors by name, floating ones in float32
+        whatever the dtype policy (under `mixed_bfloat16` the model computes in bfloat16 inside)."""
+        outputs = self(pixel_values, training=False, return_dict=True)
+        return {name: tf.cast(value, tf.float32) if value.dtype.is_floating else value
+                for name, value in outputs.items() if tf.is_tensor(value)}
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' `export`. Without `input_signature` the artifact takes `pixel_values` float32 with a dynamic batch,
+        height and width (Keras would fix the sizes and the dtype of the first call); `format="litert"` fixes height
+        and width at the config's image_size (default 224), as TFLite's built-in kernels need. Both serve
+        `serving_outputs`: float32 outputs under every dtype policy. The SavedModel's endpoint is `serve` (signature
+        `serving_default`), its variables stored once; the LiteRT file holds TFLite built-in operators only (the weights frozen in), so the
+        plain interpreter runs it. With other formats, or Keras' own export options in `kwargs`, Keras exports."""
+        if not self.built:
+            self.build_with_dummy_input()
+        if input_signature is None:
+            sizes = default_input_size(self.config) if format == "litert" else (None, None)
+            input_signature = self.serving_input_signature(*sizes)
+        if format not in ("tf_saved_model", "litert") or kwargs:
+            return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        spec, = input_signature
+        spec = tf.TensorSpec(tuple(spec.shape), spec.dtype or tf.float32, name=spec.name or "pixel_values")
+        if format == "tf_saved_model":
+            self._export_saved_model(os.fspath(filepath), spec)
+        else:
+            self._export_litert(os.fspath(filepath), spec)
+        if verbose or verbose is None:
+            print(f"Saved {'SavedModel' if format == 'tf_saved_model' else 'LiteRT model'} at {os.fspath(filepath)}")
+
+    def _export_saved_model(self, filepath: str, spec) -> None:
+        """A SavedModel whose `serve` (signature `serving_default`) is `serving_outputs`. Written from a tf.Module
+        holding the model: Keras' ExportArchive (3.15) stores every variable twice, once per wrapper."""
+        serving = tf.Module(name="cvt_serving")
+        serving.model = self
+        serving.serve = tf.function(self.serving_outputs, input_signature=[spec])
+        tf.saved_model.save(serving, filepath, signatures={"serving_default": serving.serve})
+
+    def _export_litert(self, filepath: str, spec) -> None:
+        """A `.tflite` file of `serving_outputs` with the variables frozen into constants: Keras' own LiteRT export
+        keeps them as variables, so its convolutions (whose kernels fold the BatchNorm at run time) need TensorFlow's
+        select ops, which the plain interpreter lacks."""
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        concrete = tf.function(self.serving_outputs).get_concrete_function(spec)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([convert_variables_to_constants_v2(concrete)])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        flatbuffer = converter.convert()
+        with atomic_write(filepath) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(flatbuffer)
 
     # ---------------------------------------------------------------- weights
     def build_with_dummy_input(self) -> None:

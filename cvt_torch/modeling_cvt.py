@@ -475,6 +475,15 @@ def _register_outputs_as_pytrees() -> None:
 _register_outputs_as_pytrees()
 
 
+def _returned(outputs, return_dict: bool):
+    """What a model's forward returns: the output container, or its tuple with `return_dict=False`. Under
+    torch.jit.trace the container is returned as a plain dict of its set fields: the tracer records only tensors,
+    tuples, lists and plain dicts."""
+    if not return_dict:
+        return outputs.to_tuple()
+    return dict(outputs) if torch.jit.is_tracing() else outputs
+
+
 # ---------------------------------------------------------------------------------------------- base class
 class CvtPreTrainedModel(nn.Module):
     """Shared by `CvtModel` and `CvtForImageClassification`: input checks, initialisation, checkpoint I/O."""
@@ -614,7 +623,7 @@ class CvtModel(CvtPreTrainedModel):
         outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions,
                                cls_only=cls_only)
-        return outputs if return_dict else outputs.to_tuple()
+        return _returned(outputs, return_dict)
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
@@ -645,6 +654,8 @@ class CvtForImageClassification(CvtPreTrainedModel):
                                                 return_dict=True, cls_only=self._inference()))
 
     def _inference(self) -> bool:
+        if torch.jit.is_tracing():  # one graph whatever the grad mode: torch.jit.trace's check reruns under no_grad
+            return not self.training
         return not (self.training or torch.is_grad_enabled())
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -653,9 +664,10 @@ class CvtForImageClassification(CvtPreTrainedModel):
         return pooled if pre_logits else self.classifier(pooled)
 
     def _normalised_tokens(self, outputs: CvtModelOutput) -> torch.Tensor:
-        if outputs.cls_token_value is not None:
-            return self.layernorm(outputs.cls_token_value)
-        return self.layernorm(_grid_to_tokens(outputs.last_hidden_state))
+        # key access: under torch.jit.trace `self.cvt` returns a plain dict of the set fields (see _returned)
+        if outputs.get("cls_token_value") is not None:
+            return self.layernorm(outputs["cls_token_value"])
+        return self.layernorm(_grid_to_tokens(outputs["last_hidden_state"]))
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
@@ -670,9 +682,9 @@ class CvtForImageClassification(CvtPreTrainedModel):
                            output_attentions=output_attentions, return_dict=True, cls_only=self._inference())
         logits = self.forward_head(self._normalised_tokens(outputs))
         loss = self.compute_classification_loss(labels, logits) if labels is not None else None
-        result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                          attentions=outputs.attentions)
-        return result if return_dict else result.to_tuple()
+        result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"),
+                                          attentions=outputs.get("attentions"))
+        return _returned(result, return_dict)
 
     def problem_type_for(self, labels: torch.Tensor) -> str:
         """`config.problem_type`, or else transformers' inference for this call only (the config is not changed):

@@ -53,6 +53,10 @@ ONE_SIDED_METHODS = {
     "test_step": "the Keras trainer (evaluate)",
     "predict": "the Keras trainer (predict), taught empty batches",
     "predict_step": "the Keras trainer (predict returns the logits)",
+    "export": "Keras' Model.export, taught a float32 signature of any size; PyTorch models go to torch.export, "
+              "torch.onnx and torch.jit.trace as they are",
+    "serving_input_signature": "what Keras' export serves (Keras needs an input signature; torch.export an example)",
+    "serving_outputs": "what Keras' export serves: float32 outputs under mixed_bfloat16 too",
 }
 # Sub-block attributes named otherwise in Keras: (torch name, Keras name) -> why.
 RENAMED_ATTRIBUTES = {
