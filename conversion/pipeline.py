@@ -35,22 +35,33 @@ class Report:
     summary: str = ""
 
 
-def parse_targets(value: str | Sequence[str]) -> List[str]:
-    """`all`, one target, or a comma-separated list, in TARGETS order."""
+def parse_choices(value: str | Sequence[str], choices: Sequence[str], option: str) -> List[str]:
+    """`all`, one of `choices`, or a comma-separated list of them (for the command-line option `option`), in the
+    order of `choices`."""
     items = value.split(",") if isinstance(value, str) else list(value)
     chosen = set()
     for item in (i.strip() for i in items):
         if item == "all":
-            chosen.update(TARGETS)
-        elif item in TARGETS:
+            chosen.update(choices)
+        elif item in choices:
             chosen.add(item)
         else:
-            raise ConversionError(item, f"unknown --to target; choose from {[*TARGETS, 'all']} (comma-separated)")
-    return [t for t in TARGETS if t in chosen]
+            raise ConversionError(item or repr(item), f"unknown {option}; choose from {[*choices, 'all']} "
+                                                      f"(comma-separated)")
+    return [c for c in choices if c in chosen]
 
 
-def _size(path: str) -> str:
-    n = float(os.path.getsize(path))
+def parse_targets(value: str | Sequence[str]) -> List[str]:
+    """`all`, one target, or a comma-separated list, in TARGETS order."""
+    return parse_choices(value, TARGETS, "--to target")
+
+
+def size_text(path: str) -> str:
+    """The bytes of a file, or of every file under a folder, as "352 B", "82.4 MB"."""
+    if os.path.isdir(path):
+        n = float(sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names))
+    else:
+        n = float(os.path.getsize(path))
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -157,7 +168,7 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
             if "keras" in targets:
                 written += write_targets(state, tmp, ["keras"], config_json=False)
             # what was written is printed only once DST is in place: a failed check or commit writes nothing
-            listing = [f"  {os.path.basename(path):<20} {_size(path):>10}" for path in written]
+            listing = [f"  {os.path.basename(path):<20} {size_text(path):>10}" for path in written]
             report.written = [os.path.join(dst, os.path.basename(p)) for p in written]
             if check:
                 jobs = _written_jobs(tmp, state.with_head, pixels)

@@ -2,6 +2,7 @@
 
     cvt convert SRC DST [--from ...] [--to torch|hf-tf|keras|all] [--config PRESET_OR_JSON] [--dtype ...] [--force]
     cvt verify DIR
+    cvt export SRC DST [--format onnx|torch-export|saved-model|tflite|all] [--image-size H W] [--opset N] ...
     cvt demo [--preset cvt-13] [--out DIR]
     cvt train [--data DIR] [--framework torch|keras] ...
     cvt predict IMAGE... --model DIR
@@ -25,11 +26,11 @@ from conversion.errors import ConversionError, CrossCheckFailed, describe, one_l
 from cvt_core.checkpoint import CheckpointError
 from cvt_core.weights import WeightLoadError
 
-from . import convert, demo, predict, train, verify
+from . import convert, demo, export, predict, train, verify
 from .data import DatasetError
 
 PROG = "cvt"
-COMMANDS = (convert, verify, demo, train, predict)
+COMMANDS = (convert, verify, export, demo, train, predict)
 
 
 class _Parser(argparse.ArgumentParser):
