@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of quiet before each timed sample, so the previous worker's spinning threads "
                              "have stopped (default 0.3)")
     parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: the library's own)")
-    parser.add_argument("--frameworks", default="pt,tf", help="pt, tf or pt,tf (default both)")
+    parser.add_argument("--frameworks", default="pt,tf,onnx",
+                        help="comma-separated: pt, tf, onnx (ONNX Runtime on both ONNX exports; default all three)")
     parser.add_argument("--omp-wait-policy", choices=("auto", "default", "passive"), default="auto",
                         help="OpenMP threads of the workers: 'default' spins at barriers (the libraries' default), "
                              "'passive' sleeps; 'auto' (default) picks passive when other processes keep more than 0.4 "
@@ -114,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             kinds += ["hf-pt", "ours-pt"]
         if "tf" in frameworks:
             kinds += ["hf-tf", "ours-keras", "hf-tf-bf16", "ours-keras-bf16"]
+        if "onnx" in frameworks:
+            kinds += ["hf-onnx", "ours-onnx"]
         for kind in kinds:
             workers[kind] = Worker(kind, checkpoint, args.threads, workdir, str(out_dir), omp_passive)
         for kind in kinds:
@@ -129,6 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rates.update(reply.get("rates", {}))
                 if kind == "ours-keras" and reply.get("rates"):
                     break
+        if "ours-onnx" in workers and not workers["ours-onnx"].error:
+            rates.update(workers["ours-onnx"].call(cmd="matmul").get("rates", {}))
         for name, rate in rates.items():
             log(f"matmul rate, {name}: {rate:.0f} GFLOP/s")
 
@@ -170,6 +175,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 group("Keras/TF bf16 inference (mixed_bfloat16)", "tf-bf16", batch,
                       [("hf-tf", "fp32"), ("hf-tf-bf16", "bf16"), ("ours-keras-bf16", "bf16")]
                       + (cross if batch == 8 else []), "hf-tf:fp32")
+
+        if "onnx" in frameworks:
+            for batch in batches:
+                group("ONNX Runtime fp32 inference (CPU provider)", "onnx-fp32", batch,
+                      [("hf-onnx", "fp32"), ("ours-onnx", "fp32")], "hf-onnx:fp32")
 
         # real photos before the training rows (a TF training step changes the model in place until released)
         agreement = photo_agreement(workers, num_photos, workdir, log) if num_photos > 0 else {}

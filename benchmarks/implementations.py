@@ -6,10 +6,14 @@
                      needs TF_USE_LEGACY_KERAS=1, so it never shares a process with Keras 3
     ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3), `predict_on_batch` as Keras users call it
     *-bf16           the same under the mixed_bfloat16 policy (TF processes: the policy is process-global)
+    hf-onnx          ONNX Runtime (CPU provider, default session options) on transformers' classifier exported the
+                     ordinary way: `torch.onnx.export(model, (x,), f, opset_version=17)` (the TorchScript-based
+                     exporter, as optimum exports it), batch axis dynamic
+    ours-onnx        ONNX Runtime, same options, on the `model.onnx` that `cvt export` writes (conversion.export_torch)
 
 Each implementation turns a (variant, batch) into a zero-argument callable the harness times: "fp32", "bf16"
 (PyTorch: `model.to(torch.bfloat16)`; TF: the process's mixed_bfloat16 policy), "autocast" (PyTorch only) and
-"train" (forward, backward and an AdamW step). The frameworks are imported inside, so importing this module is cheap.
+"train" (forward, backward and an AdamW step); the ONNX workers run "fp32" only. The frameworks are imported inside, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from benchmarks.harness import best_rate
 
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
-WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16")
+WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16", "hf-onnx", "ours-onnx")
+HF_ONNX_OPSET = 17
 MATMUL_SIZE = 2048
 
 
@@ -232,6 +237,79 @@ class TFImpl:
         return {"tf.matmul fp32": tf_matmul_rate(tf.float32), "tf.matmul bf16": tf_matmul_rate(tf.bfloat16)}
 
 
+class OnnxImpl:
+    """An ONNX file exported in this worker from the shared checkpoint, run in an ONNX Runtime CPU session."""
+
+    def __init__(self, kind: str, checkpoint: str, threads: Optional[int]):
+        import tempfile
+
+        import onnxruntime
+        import torch
+
+        self._folder = tempfile.TemporaryDirectory(prefix=f"cvt-bench-{kind}-")
+        path = f"{self._folder.name}/model.onnx"
+        pixels = torch.from_numpy(make_inputs(2)[0])
+        if kind == "hf-onnx":
+            import transformers
+
+            model = transformers.CvtForImageClassification.from_pretrained(checkpoint).eval()
+            model.config.return_dict = False
+            torch.onnx.export(model, (pixels,), path, dynamo=False, opset_version=HF_ONNX_OPSET,
+                              input_names=["pixel_values"], output_names=["logits"],
+                              dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+        else:
+            from conversion.export_torch import DEFAULT_OPSET, logits_module, write_onnx
+            from cvt_torch import CvtForImageClassification
+
+            model = CvtForImageClassification.from_pretrained(checkpoint)
+            write_onnx(logits_module(model, "float32"), pixels, path, DEFAULT_OPSET)
+        del model
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self._options = options
+        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.threads = threads or "default"
+
+    def release(self):
+        pass
+
+    def make(self, variant: str, batch: int):
+        if variant != "fp32":
+            raise ValueError(f"the ONNX workers run fp32 only, not {variant}")
+        feed = {"pixel_values": make_inputs(batch)[0]}
+        return lambda: self.session.run(["logits"], feed)[0]
+
+    def logits(self, variant: str, pixels: np.ndarray, chunk: int = 16) -> np.ndarray:
+        return np.concatenate([self.session.run(["logits"], {"pixel_values": pixels[i:i + chunk]})[0]
+                               for i in range(0, len(pixels), chunk)])
+
+    def to_numpy(self, value) -> np.ndarray:
+        return np.asarray(value, dtype=np.float32)
+
+    def matmul_rates(self) -> Dict[str, float]:
+        """GFLOP/s of an ONNX MatMul of two MATMUL_SIZE square matrices (the right one a constant, as weights are) in
+        a session like the model's: the ceiling of the ONNX rows."""
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+
+        from benchmarks.report import ONNX_MATMUL
+
+        n = MATMUL_SIZE
+        rng = np.random.default_rng(0)
+        weight = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "weight")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], "matmul",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), self._options,
+                                               providers=["CPUExecutionProvider"])
+        feed = {"x": rng.standard_normal((n, n)).astype(np.float32)}
+        return {ONNX_MATMUL: best_rate(lambda: session.run(["y"], feed), 2 * n ** 3)}
+
+
 def build(kind: str, checkpoint: str, threads: Optional[int]):
     """The implementation of worker `kind`, its model loaded from `checkpoint`."""
+    if kind.endswith("-onnx"):
+        return OnnxImpl(kind, checkpoint, threads)
     return TorchImpl(kind, checkpoint, threads) if kind.endswith("-pt") else TFImpl(kind, checkpoint, threads)

@@ -29,8 +29,12 @@ TARGETS = [
     ("tf-bf16-b8", "Keras bf16 (mixed_bfloat16) vs transformers PyTorch fp32, batch 8", "tf-bf16", 8,
      "ours-keras-bf16:bf16", "hf-pt:fp32", 3.0),
     ("tf-train", "Keras training step", "tf-train", None, "ours-keras:train", "hf-tf:train", 2.0),
+    ("onnx-fp32-b8", "ONNX Runtime: our model.onnx vs transformers' ONNX export, batch 8", "onnx-fp32", 8,
+     "ours-onnx:fp32", "hf-onnx:fp32", 1.3),
 ]
 
+
+ONNX_MATMUL = "onnxruntime MatMul fp32"
 
 # bf16 top-1 agreement with fp32 on real photos, >= 99%: (id, description, ours, transformers' counterpart).
 # Judged on the retrieval head, whose classes (the photos) mean something with random weights; the random
@@ -89,7 +93,8 @@ def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, ba
               quick: bool) -> Dict[str, Any]:
     """The content of results.json (without the run's wall time and load, which the caller adds): the rows with
     their share of the matmul peaks, the targets with ratios and PASS/FAIL, machine facts and versions."""
-    fp32_peaks = {k: v for k, v in rates.items() if "fp32" in k}
+    onnx_peak = rates.get(ONNX_MATMUL)  # the ONNX rows run on ONNX Runtime's own GEMM (MLAS)
+    fp32_peaks = {k: v for k, v in rates.items() if "fp32" in k and k != ONNX_MATMUL}
     bf16_peaks = {k: v for k, v in rates.items() if "bf16" in k}
     peak32 = max(fp32_peaks.values()) if fp32_peaks else None
     peak16 = max(bf16_peaks.values()) if bf16_peaks else None
@@ -97,6 +102,8 @@ def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, ba
     for row in rows:
         g = row.get("gflops_per_s")
         peak = peak16 if row["variant"] in ("bf16", "autocast") else peak32
+        if row["section"].startswith("onnx"):
+            peak = onnx_peak
         row["percent_of_best_matmul"] = 100 * g / peak if g and peak else None
         row["percent_of_torch_matmul_fp32"] = 100 * g / mkl if g and mkl else None
     targets = []
@@ -159,7 +166,8 @@ def print_table(result: Dict[str, Any]) -> None:
               f"{_fmt(None if not cmp else 100 * cmp['top1_agreement'], '.0f'):>5s}")
     print()
     print("%peak: of the best measured matmul rate of the same precision (fp32 rows: max over MKL, oneDNN and TF; "
-          "bf16 rows: bf16); %mm32: of torch.matmul fp32 (MKL sgemm). Training rows count 3x the forward FLOPs.")
+          "bf16 rows: bf16; onnx rows: ONNX Runtime's own MatMul); %mm32: of torch.matmul fp32 (MKL sgemm). Training "
+          "rows count 3x the forward FLOPs.")
     print("paired: median over rounds of (reference time / ours time) within the same round.")
     print()
     print(f"{'target (ratio = ours img/s / reference img/s, medians)':<70s} {'ratio':>6s} {'paired':>6s} "
@@ -210,7 +218,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
     rows = [r for r in result["rows"] if r["images_per_s"]]
     sections = [("pt-fp32", "PyTorch fp32"), ("pt-bf16", "PyTorch bf16"), ("pt-train", "PyTorch train step"),
-                ("tf-fp32", "Keras/TF fp32"), ("tf-bf16", "Keras/TF bf16"), ("tf-train", "Keras/TF train step")]
+                ("tf-fp32", "Keras/TF fp32"), ("tf-bf16", "Keras/TF bf16"), ("tf-train", "Keras/TF train step"),
+                ("onnx-fp32", "ONNX Runtime fp32")]
     present = [(s, t) for s, t in sections if any(r["section"] == s for r in rows)]
     if not present:
         return
