@@ -86,6 +86,14 @@ class CvtModelOutput(ModelOutput):
     _fields = ("last_hidden_state", "cls_token_value", "hidden_states", "attentions")
 
 
+class CvtBackboneOutput(ModelOutput):
+    """transformers' `BackboneOutput`: `feature_maps`, one (B, C_s, H_s, W_s) map per chosen stage (NHWC in Keras
+    with `data_format="channels_last"`); Keras also gives `pyramid_outputs`, the same maps keyed "P<log2 stride>"
+    as keras-hub's pyramid backbones key them; `hidden_states` / `attentions` as in `CvtModelOutput`."""
+
+    _fields = ("feature_maps", "pyramid_outputs", "hidden_states", "attentions")
+
+
 class CvtImageClassifierOutput(ModelOutput):
     """`loss` (when labels are given), `logits` (B, num_labels), and `hidden_states` / `attentions` as above."""
 

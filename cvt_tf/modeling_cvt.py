@@ -54,7 +54,8 @@ from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk a
 from cvt_core.atomic import atomic_write  # noqa: E402
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
-from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
+from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names  # noqa: E402
+from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
 from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,  # noqa: E402
                              minimum_input_size)
 from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
@@ -1067,6 +1068,65 @@ class TFCvtModel(TFCvtPreTrainedModel):
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
                            output_attentions=output_attentions, training=training)
         return outputs if return_dict else outputs.to_tuple()
+
+
+@keras.saving.register_keras_serializable(package="cvt_tf")
+class TFCvtBackbone(TFCvtModel):
+    """CvT as a dense-task backbone, as `cvt_torch.CvtBackbone`: the outputs of the stages named in
+    `out_features` (or numbered by `out_indices` in `stage_names`, "stem" being the pixel input) as
+    `feature_maps` in the model's data format, and as `pyramid_outputs` keyed "P<log2 stride>" ("P2", "P3", "P4"
+    for the released configs), as keras-hub's pyramid backbones key them. The weights are `TFCvtModel`'s."""
+
+    def __init__(self, config: CvtConfig, out_features: Optional[List[str]] = None,
+                 out_indices: Optional[List[int]] = None, data_format: str = "channels_first", **kwargs):
+        super().__init__(config, data_format=data_format, **kwargs)
+        self._choose_stages(out_features, out_indices)
+
+    def _choose_stages(self, out_features, out_indices) -> None:
+        features, indices = resolve_out_features(self.config, out_features, out_indices)
+        # tuples: Keras would track lists as layer state
+        object.__setattr__(self, "stage_names", tuple(stage_names(self.config)))
+        object.__setattr__(self, "out_features", tuple(features))
+        object.__setattr__(self, "out_indices", tuple(indices))
+
+    @property
+    def channels(self) -> List[int]:
+        return chosen_channels_and_strides(self.config, self.out_indices)[0]
+
+    @property
+    def strides(self) -> List[int]:
+        return chosen_channels_and_strides(self.config, self.out_indices)[1]
+
+    def get_config(self) -> Dict[str, Any]:
+        return {**super().get_config(), "out_features": list(self.out_features)}
+
+    @classmethod
+    def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
+                        ignore_mismatched_sizes: bool = False, out_features: Optional[List[str]] = None,
+                        out_indices: Optional[List[int]] = None, data_format: str = "channels_first",
+                        **config_overrides: Any):
+        """`TFCvtModel.from_pretrained` (a classifier checkpoint's head is left out), then the chosen stages."""
+        model = super().from_pretrained(directory, config, strict, ignore_mismatched_sizes, data_format=data_format,
+                                        **config_overrides)
+        model._choose_stages(out_features, out_indices)
+        return model
+
+    def call(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None,
+             training=False):
+        arguments = unpack_inputs(pixel_values, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions, return_dict=return_dict)
+        pixel_values = arguments["pixel_values"]
+        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
+            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
+        outputs = self.cvt(pixel_values, output_hidden_states=True, output_attentions=output_attentions,
+                           training=training)
+        maps = (pixel_values,) + tuple(outputs.hidden_states)
+        feature_maps = tuple(maps[i] for i in self.out_indices)
+        pyramid = {f"P{stride.bit_length() - 1}": feature for stride, feature in zip(self.strides, feature_maps)}
+        result = CvtBackboneOutput(feature_maps=feature_maps, pyramid_outputs=pyramid,
+                                   hidden_states=outputs.hidden_states if output_hidden_states else None,
+                                   attentions=outputs.attentions)
+        return result if return_dict else result.to_tuple()
 
 
 @keras.saving.register_keras_serializable(package="cvt_tf")

@@ -1,7 +1,7 @@
-"""PyTorch backend of the CvT library: `CvtModel` and `CvtForImageClassification`, built from a `CvtConfig`."""
+"""PyTorch backend of the CvT library: `CvtModel`, `CvtForImageClassification` and `CvtBackbone`, built from a `CvtConfig`."""
 
 from cvt_core.config import CvtConfig
 
-from .modeling_cvt import CvtForImageClassification, CvtModel, CvtPreTrainedModel
+from .modeling_cvt import CvtBackbone, CvtForImageClassification, CvtModel, CvtPreTrainedModel
 
-__all__ = ["CvtConfig", "CvtModel", "CvtForImageClassification", "CvtPreTrainedModel"]
+__all__ = ["CvtConfig", "CvtModel", "CvtForImageClassification", "CvtBackbone", "CvtPreTrainedModel"]

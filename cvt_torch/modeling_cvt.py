@@ -36,7 +36,8 @@ from torch import nn
 
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state
 from cvt_core.config import CvtConfig
-from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
+from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names
+from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import attention_projection, check_pixel_values_shape
 
 from . import kernels
@@ -457,7 +458,7 @@ def _register_outputs_as_pytrees() -> None:
     torch.compile's graph outputs can hold them: `torch.export.export(model, (pixel_values,))` works as called."""
     from torch.utils import _pytree
 
-    for output_type in (CvtModelOutput, CvtImageClassifierOutput):
+    for output_type in (CvtModelOutput, CvtImageClassifierOutput, CvtBackboneOutput):
         def flatten(output):
             keys = tuple(output.keys())
             return [output[k] for k in keys], keys
@@ -490,6 +491,8 @@ class CvtPreTrainedModel(nn.Module):
 
     # Whether the state_dict holds the classification head (and the `cvt.` backbone prefix).
     with_head: bool = False
+    # The transformers class config.json names (`architectures`): the one that loads these weights.
+    architecture: str = "CvtModel"
 
     def __init__(self, config: CvtConfig):
         super().__init__()
@@ -582,7 +585,7 @@ class CvtPreTrainedModel(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         config = copy.deepcopy(self.config)
-        config.extra["architectures"] = [type(self).__name__]
+        config.extra["architectures"] = [self.architecture]
         config.save_pretrained(directory)
         save_pretrained_state(directory, {name: tensor_to_numpy(t) for name, t in self.state_dict().items()})
         return directory
@@ -626,6 +629,52 @@ class CvtModel(CvtPreTrainedModel):
         return _returned(outputs, return_dict)
 
 
+class CvtBackbone(CvtModel):
+    """CvT as a dense-task backbone, as transformers' backbones are: the outputs of the stages named in
+    `out_features` (or numbered by `out_indices` in `stage_names`, "stem" being the pixel input), as NCHW
+    `feature_maps`; the last stage when neither is given. `channels` and `strides` describe the chosen maps. The
+    weights are `CvtModel`'s, so a classifier checkpoint loads strictly below its head."""
+
+    def __init__(self, config: CvtConfig, out_features: Optional[List[str]] = None,
+                 out_indices: Optional[List[int]] = None):
+        super().__init__(config)
+        self.stage_names = stage_names(config)
+        self.out_features, self.out_indices = resolve_out_features(config, out_features, out_indices)
+
+    @property
+    def channels(self) -> List[int]:
+        return chosen_channels_and_strides(self.config, self.out_indices)[0]
+
+    @property
+    def strides(self) -> List[int]:
+        return chosen_channels_and_strides(self.config, self.out_indices)[1]
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
+                        strict: bool = True, ignore_mismatched_sizes: bool = False,
+                        out_features: Optional[List[str]] = None, out_indices: Optional[List[int]] = None,
+                        **config_overrides):
+        """`CvtModel.from_pretrained` (a classifier checkpoint's head is left out), then the chosen stages."""
+        model = super().from_pretrained(directory, config, strict, ignore_mismatched_sizes, **config_overrides)
+        model.out_features, model.out_indices = resolve_out_features(model.config, out_features, out_indices)
+        return model
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None):
+        """Returns `CvtBackboneOutput` (or its tuple with `return_dict=False`): `feature_maps`, one contiguous
+        (B, C_s, H_s, W_s) tensor per chosen stage; `hidden_states` (every stage) and `attentions` when asked."""
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.use_return_dict if return_dict is None else return_dict
+        outputs = super().forward(pixel_values, output_hidden_states=True, output_attentions=output_attentions,
+                                  return_dict=True)
+        maps = (pixel_values,) + tuple(outputs["hidden_states"])
+        result = CvtBackboneOutput(feature_maps=tuple(maps[i].contiguous() for i in self.out_indices),
+                                   hidden_states=outputs["hidden_states"] if output_hidden_states else None,
+                                   attentions=outputs.get("attentions"))
+        return _returned(result, return_dict)
+
+
 class CvtForImageClassification(CvtPreTrainedModel):
     """CvT backbone, final LayerNorm and a linear classifier.
 
@@ -634,6 +683,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
     """
 
     with_head = True
+    architecture = "CvtForImageClassification"
 
     def __init__(self, config: CvtConfig):
         super().__init__(config)
