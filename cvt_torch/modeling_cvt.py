@@ -590,6 +590,50 @@ class CvtPreTrainedModel(nn.Module):
         save_pretrained_state(directory, {name: tensor_to_numpy(t) for name, t in self.state_dict().items()})
         return directory
 
+    # ------------------------------------------------------------------ timm's feature API
+    @property
+    def feature_info(self) -> List[dict]:
+        """timm's `feature_info`: per stage its width (`num_chs`), total stride (`reduction`) and module name."""
+        prefix = "cvt.encoder.stages" if self.with_head else "encoder.stages"
+        _, strides = chosen_channels_and_strides(self.config, range(1, self.config.num_stages + 1))
+        return [dict(num_chs=width, reduction=stride, module=f"{prefix}.{stage}")
+                for stage, (width, stride) in enumerate(zip(self.config.embed_dim, strides))]
+
+    def forward_intermediates(self, pixel_values: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's `forward_intermediates`: the outputs of the stages at `indices` (None: every stage; an int n: the
+        last n; a list: those stages, counted from 0, negative from the end) as NCHW (or NHWC) maps, and unless
+        `intermediates_only` the final features first: `(features, intermediates)`, the features being what
+        `forward_features` returns (the classifier) or `last_hidden_state` (`CvtModel`). `norm`: the classifier's
+        final LayerNorm is applied to the last stage's map, over channels (`CvtModel` has none)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if norm and not self.with_head:
+            raise ValueError("norm=True applies the classifier's final LayerNorm, which CvtModel does not have")
+        count = self.config.num_stages
+        if indices is None:
+            chosen = list(range(count))
+        elif isinstance(indices, int):
+            if not 0 < indices <= count:
+                raise ValueError(f"indices={indices}: an int takes the last n of the {count} stages, 1 to {count}")
+            chosen = list(range(count - indices, count))
+        else:
+            if any(not -count <= int(i) < count for i in indices):
+                raise ValueError(f"indices {list(indices)}: stages are numbered 0 to {count - 1} (or -{count} to -1)")
+            chosen = sorted({int(i) % count for i in indices})
+        backbone = self.cvt if self.with_head else self
+        outputs = backbone(pixel_values, output_hidden_states=True, return_dict=True)
+        maps = []
+        for stage in chosen:
+            grid = outputs["hidden_states"][stage]
+            if norm and stage == count - 1:
+                grid = self.layernorm(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            maps.append(grid.permute(0, 2, 3, 1) if output_fmt == "NHWC" else grid)
+        if intermediates_only:
+            return maps
+        features = self._normalised_tokens(outputs) if self.with_head else outputs["last_hidden_state"]
+        return features, maps
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -172,3 +172,35 @@ def test_keras_backbone_trains_a_dense_head_under_fit_and_round_trips_through_a_
     assert restored.out_features == ("stage2", "stage3") and restored.data_format == "channels_last"
     for got, want in zip(restored(images[:2]).feature_maps, backbone(images[:2]).feature_maps):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("with_head", [True, False], ids=["classifier", "bare"])
+def test_timm_forward_intermediates_and_feature_info_give_the_stage_maps_at_their_true_reductions(with_head):
+    config = CvtConfig(**dict(TINY, num_labels=4))
+    model = (cvt_torch.CvtForImageClassification if with_head else cvt_torch.CvtModel)(config).eval()
+    pixels = torch.randn(2, 3, *NON_SQUARE)
+    info = model.feature_info
+    assert [(i["num_chs"], i["reduction"]) for i in info] == [(16, 4), (32, 8), (48, 16)]
+    modules = dict(model.named_modules())
+    assert all(i["module"] in modules for i in info)
+    with torch.no_grad():
+        hidden = (model.cvt if with_head else model)(pixels, output_hidden_states=True).hidden_states
+        features, maps = model.forward_intermediates(pixels)
+        last_two = model.forward_intermediates(pixels, indices=2, output_fmt="NHWC", intermediates_only=True)
+        chosen = model.forward_intermediates(pixels, indices=[0, -1], intermediates_only=True)
+    assert len(maps) == 3 and all(torch.equal(a, b) for a, b in zip(maps, hidden))
+    assert [tuple(m.shape) for m in last_two] == [(2, 9, 7, 32), (2, 5, 4, 48)]
+    assert torch.equal(last_two[1], hidden[2].permute(0, 2, 3, 1))
+    assert torch.equal(chosen[0], hidden[0]) and torch.equal(chosen[1], hidden[2])
+    if with_head:
+        with torch.no_grad():
+            assert (features - model.forward_features(pixels)).abs().max() <= 1e-5
+            normed = model.forward_intermediates(pixels, indices=1, norm=True, intermediates_only=True)[0]
+            want = model.layernorm(hidden[2].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        assert torch.equal(normed, want)
+    else:
+        assert torch.equal(features, hidden[2])
+        with pytest.raises(ValueError, match="final LayerNorm"):
+            model.forward_intermediates(pixels, norm=True)
+    with pytest.raises(ValueError, match="numbered 0 to 2"):
+        model.forward_intermediates(pixels, indices=[3])

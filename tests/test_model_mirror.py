@@ -57,6 +57,8 @@ ONE_SIDED_METHODS = {
               "torch.onnx and torch.jit.trace as they are",
     "serving_input_signature": "what Keras' export serves (Keras needs an input signature; torch.export an example)",
     "serving_outputs": "what Keras' export serves: float32 outputs under mixed_bfloat16 too",
+    "forward_intermediates": "timm's feature API, a PyTorch convention; Keras dense heads take TFCvtBackbone's "
+                             "pyramid_outputs (keras-hub's)",
 }
 # Sub-block attributes named otherwise in Keras: (torch name, Keras name) -> why.
 RENAMED_ATTRIBUTES = {
