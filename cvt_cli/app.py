@@ -6,6 +6,7 @@
     cvt demo [--preset cvt-13] [--out DIR]
     cvt train [--data DIR] [--framework torch|keras] ...
     cvt predict IMAGE... --model DIR
+    cvt attention IMAGE --model DIR [--out PNG] [--stage S ...] [--layer L]
 
 Each command is a module of this package with `register(subparsers)`, which sets `args.run(args) -> int`.
 Exit status: 0 success; 1 a cross-check found outputs beyond tolerance (nothing is written); 2 a usage or input
@@ -26,11 +27,11 @@ from conversion.errors import ConversionError, CrossCheckFailed, describe, one_l
 from cvt_core.checkpoint import CheckpointError
 from cvt_core.weights import WeightLoadError
 
-from . import convert, demo, export, predict, train, verify
+from . import attention, convert, demo, export, predict, train, verify
 from .data import DatasetError
 
 PROG = "cvt"
-COMMANDS = (convert, verify, export, demo, train, predict)
+COMMANDS = (convert, verify, export, demo, train, predict, attention)
 
 
 class _Parser(argparse.ArgumentParser):
