@@ -1084,10 +1084,10 @@ class TFCvtBackbone(TFCvtModel):
 
     def _choose_stages(self, out_features, out_indices) -> None:
         features, indices = resolve_out_features(self.config, out_features, out_indices)
-        # tuples: Keras would track lists as layer state
-        object.__setattr__(self, "stage_names", tuple(stage_names(self.config)))
-        object.__setattr__(self, "out_features", tuple(features))
-        object.__setattr__(self, "out_indices", tuple(indices))
+        # plain lists as in PyTorch, set past Keras' attribute tracking (they are configuration, not layer state)
+        object.__setattr__(self, "stage_names", stage_names(self.config))
+        object.__setattr__(self, "out_features", features)
+        object.__setattr__(self, "out_indices", indices)
 
     @property
     def channels(self) -> List[int]:

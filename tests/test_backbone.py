@@ -118,7 +118,7 @@ def test_the_stem_is_the_pixel_input_and_the_default_is_the_last_stage():
         stem, last = model(pixels).feature_maps
     assert torch.equal(stem, pixels) and last.shape == (1, 48, 4, 4)
     assert cvt_torch.CvtBackbone(config).out_features == ["stage3"]
-    assert cvt_tf.TFCvtBackbone(config).out_indices == (3,)
+    assert cvt_tf.TFCvtBackbone(config).out_indices == [3]
 
 
 @pytest.mark.parametrize("out_features, out_indices, fragments", [
@@ -169,7 +169,7 @@ def test_keras_backbone_trains_a_dense_head_under_fit_and_round_trips_through_a_
     path = str(tmp_path / "backbone.keras")
     backbone.save(path)
     restored = keras.models.load_model(path)
-    assert restored.out_features == ("stage2", "stage3") and restored.data_format == "channels_last"
+    assert restored.out_features == ["stage2", "stage3"] and restored.data_format == "channels_last"
     for got, want in zip(restored(images[:2]).feature_maps, backbone(images[:2]).feature_maps):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
