@@ -891,8 +891,9 @@ class TFCvtPreTrainedModel(keras.Model):
         height and width (Keras would fix the sizes and the dtype of the first call); `format="litert"` fixes height
         and width at the config's image_size (default 224), as TFLite's built-in kernels need. Both serve
         `serving_outputs`: float32 outputs under every dtype policy. The SavedModel's endpoint is `serve` (signature
-        `serving_default`), its variables stored once; the LiteRT file holds TFLite built-in operators only (the weights frozen in), so the
-        plain interpreter runs it. With other formats, or Keras' own export options in `kwargs`, Keras exports."""
+        `serving_default`), its variables stored once; the LiteRT file holds TFLite built-in operators only (the
+        weights frozen in), so the plain interpreter runs it. With other formats, or Keras' own export options in
+        `kwargs`, Keras exports."""
         if not self.built:
             self.build_with_dummy_input()
         if input_signature is None:

@@ -36,7 +36,7 @@ from torch import nn
 
 from cvt_core.checkpoint import read_pretrained, save_pretrained_state
 from cvt_core.config import CvtConfig
-from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names
+from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names, stage_strides
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import attention_projection, check_pixel_values_shape
 
@@ -595,7 +595,7 @@ class CvtPreTrainedModel(nn.Module):
     def feature_info(self) -> List[dict]:
         """timm's `feature_info`: per stage its width (`num_chs`), total stride (`reduction`) and module name."""
         prefix = "cvt.encoder.stages" if self.with_head else "encoder.stages"
-        _, strides = chosen_channels_and_strides(self.config, range(1, self.config.num_stages + 1))
+        strides = stage_strides(self.config)[1:]  # [0] is the stem's
         return [dict(num_chs=width, reduction=stride, module=f"{prefix}.{stage}")
                 for stage, (width, stride) in enumerate(zip(self.config.embed_dim, strides))]
 
