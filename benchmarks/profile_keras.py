@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     keras.mixed_precision.set_global_policy(args.policy)
     config = CvtConfig.from_preset("cvt-13", num_labels=1000)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     pixels = np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
     for _ in range(4):
         model.predict_on_batch(pixels)

@@ -35,7 +35,7 @@ from cvt_core.shapes import InputTooSmallError, default_input_size, stage_geomet
 from . import crosscheck, models
 from .atomic import atomic_directory, check_destination
 from .errors import ConversionError, CrossCheckFailed, one_line
-from .formats import config_for_output, open_source
+from .formats import config_for_output, open_source, write_preprocessor
 from .pipeline import FRAMEWORK_NAMES, describe_state, parse_choices, resolve_source, size_text
 from .state import CanonicalState
 
@@ -171,26 +171,6 @@ def _check_torch_export_range(ranges, sizes: Sequence[Tuple[int, int]]) -> None:
                                         f"larger --image-size or leave torch-export out")
 
 
-def _write_preprocessor(directory: str, source: str, height: int, width: int) -> str:
-    """preprocessor_config.json: the source's (its size set to a square --image-size), else the released CvT
-    preprocessing at that resolution."""
-    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor
-
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    path = os.path.join(folder, PREPROCESSOR_CONFIG_NAME)
-    side = height if height == width else None
-    if os.path.isfile(path):
-        try:
-            processor = CvtImageProcessor.from_pretrained(path)
-            if side is not None:
-                processor = CvtImageProcessor.from_dict(processor.to_dict(), size=side)
-        except ValueError as exc:
-            raise ConversionError(path, f"invalid preprocessor config: {one_line(str(exc))}") from None
-    else:
-        processor = CvtImageProcessor.for_resolution(side or min(height, width))
-    return processor.save_pretrained(directory)
-
-
 # ------------------------------------------------------------------------------------------------ the two sides
 def _torch_side(state: CanonicalState, targets, reference, tmp: str, dtype: str, opset: int,
                 sizes, inputs, echo) -> Tuple[Dict[str, Dict], List[str]]:
@@ -314,7 +294,7 @@ def export(src: str, dst: str, formats: str | Sequence[str] = "all", image_size:
         inputs = seeded_inputs(state.config, sizes)
         reference_model, reference = _reference_outputs(state, inputs)
         with atomic_directory(dst, force, [local, *inputs_read], foreign=foreign_in_export) as tmp:
-            written = [config_for_output(state).save_pretrained(tmp), _write_preprocessor(tmp, local, *sizes[0])]
+            written = [config_for_output(state).save_pretrained(tmp), write_preprocessor(tmp, local, state.config, *(sizes[0] if image_size else (None, None)))]
             outputs: Dict[str, Dict] = {}
             notes: Dict[str, str] = {}
             torch_targets = [t for t in targets if t in ("onnx", "torch-export")]

@@ -33,6 +33,7 @@ from cvt_core.checkpoint import (
     write_safetensors_streaming,
 )
 from cvt_core.config import PRESETS, CvtConfig
+from cvt_core.shapes import default_input_size
 from cvt_core.tensor_file import LazyTensors
 
 from . import original as original_format
@@ -283,9 +284,36 @@ def config_for_output(state: CanonicalState) -> CvtConfig:
     return config
 
 
+def write_preprocessor(directory: str, source: str, config: CvtConfig, height: Optional[int] = None,
+                       width: Optional[int] = None) -> str:
+    """preprocessor_config.json beside the written weights: the source folder's (or the folder of a source file),
+    its size set to a square `height` x `width` when given; else the released CvT preprocessing at that size, or at
+    the config's resolution. Returns its path."""
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor
+
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    path = os.path.join(folder, PREPROCESSOR_CONFIG_NAME)
+    side = height if height is not None and height == width else None
+    if os.path.isfile(path):
+        try:
+            processor = CvtImageProcessor.from_pretrained(path)
+            if side is not None:
+                processor = CvtImageProcessor.from_dict(processor.to_dict(), size=side)
+        except ValueError as exc:
+            raise ConversionError(path, f"invalid preprocessor config: {one_line(str(exc))}") from None
+    elif height is not None:
+        processor = CvtImageProcessor.for_resolution(side or min(height, width))
+    else:
+        processor = CvtImageProcessor.for_resolution(min(default_input_size(config)))
+    return processor.save_pretrained(directory)
+
+
 def write_targets(state: CanonicalState, directory: str, targets: Sequence[str], config_json: bool = True) -> List[str]:
-    """Write config.json and every target's files into `directory`; returns the written paths."""
-    written = [config_for_output(state).save_pretrained(directory)] if config_json else []
+    """Write config.json with preprocessor_config.json (unless `config_json` is False) and every target's files into
+    `directory`; returns the written paths."""
+    written = ([config_for_output(state).save_pretrained(directory), write_preprocessor(directory, state.source,
+                                                                                         state.config)]
+               if config_json else [])
     for target in targets:
         if target == "torch":
             written.append(write_safetensors_from_state(os.path.join(directory, SAFETENSORS_NAME), state))

@@ -119,7 +119,7 @@ def new_keras_model(config: CvtConfig, with_head: bool, initialize: bool = False
     keras, TFCvtModel, TFCvtForImageClassification = import_keras_models()
     cls = TFCvtForImageClassification if with_head else TFCvtModel
     with (contextlib.nullcontext() if initialize else no_random_draws(keras)):
-        model = cls(config)
+        model = cls(config, data_format="channels_first")  # the converter speaks NCHW, as transformers
         model.build_with_dummy_input()
     return model
 

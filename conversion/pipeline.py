@@ -19,7 +19,6 @@ from .atomic import atomic_directory, check_destination, temporary_directory
 from .errors import ConversionError, CrossCheckFailed
 from .formats import (TARGETS, formats_in_directory, load_config_arg, open_source, read_config_file, read_target,
                       target_framework, write_targets)
-from .hub import download, looks_like_hub_id
 from .state import CanonicalState
 
 FORMAT_NAMES = {"hf": "transformers PyTorch", "hf-tf": "transformers TF", "keras": "Keras 3",
@@ -76,7 +75,15 @@ def describe_state(state: CanonicalState) -> str:
 
 
 def resolve_source(src: str) -> str:
-    return download(src) if looks_like_hub_id(src) else src
+    """`src` itself, or for a hub id (`org/name`, `hf://org/name`) a local snapshot through huggingface_hub's cache;
+    a preset name, which has no weights, is refused."""
+    from cvt_core.checkpoint import CheckpointError
+    from cvt_core.hub import resolve_pretrained
+
+    try:
+        return resolve_pretrained(src)
+    except CheckpointError as exc:
+        raise ConversionError(None, str(exc)) from None
 
 
 def _pixels(config, image: Optional[str]):

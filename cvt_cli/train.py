@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -325,7 +324,7 @@ def _fit(args, config, data: PreparedData, echo) -> FitResult:
             if args.init:
                 return TFCvtForImageClassification.from_pretrained(args.init, config=config,
                                                                    ignore_mismatched_sizes=True)
-            model = TFCvtForImageClassification(config)
+            model = TFCvtForImageClassification(config, data_format="channels_first")
             model.build_with_dummy_input()
             return model
 
@@ -337,8 +336,8 @@ def _save_checkpoint(framework: str, model, data: PreparedData, run_dir: str) ->
     """Write the trained model and its preprocessing to the run's checkpoint folder; returns the folder and the
     float32 validation logits of what was saved (the reference for the other framework)."""
     checkpoint = os.path.join(run_dir, CHECKPOINT_DIR)
+    model.image_processor = data.processor  # save_pretrained writes it as preprocessor_config.json
     model.save_pretrained(checkpoint)
-    data.processor.save_pretrained(checkpoint)
     if framework == "torch":
         from cvt_torch.training import predict_logits
 
@@ -369,8 +368,6 @@ def _logits_in(framework: str, directory: str, pixels: np.ndarray) -> np.ndarray
 
 def _convert_and_evaluate(framework: str, checkpoint: str, run_dir: str, data: PreparedData,
                           reference_logits: np.ndarray, echo) -> Dict[str, Any]:
-    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME
-
     from conversion.pipeline import convert
 
     other = OTHER[framework]
@@ -386,8 +383,6 @@ def _convert_and_evaluate(framework: str, checkpoint: str, run_dir: str, data: P
                          force=True, echo=indented)
     else:
         report = convert(checkpoint, destination, to="keras", force=True, echo=indented)
-    shutil.copy2(os.path.join(checkpoint, PREPROCESSOR_CONFIG_NAME),
-                 os.path.join(destination, PREPROCESSOR_CONFIG_NAME))
     logits = _logits_in(other, destination, data.val_pixels)
     agreement = float(np.mean(logits.argmax(1) == reference_logits.argmax(1))) if len(logits) else 1.0
     return {"framework": other, "directory": destination, "val_logits": logits, "top1_agreement": agreement,

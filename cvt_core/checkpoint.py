@@ -28,6 +28,7 @@ import numpy as np
 from .atomic import atomic_write
 from .dtypes import bfloat16_dtype, is_bfloat16
 from .errors import CheckpointError
+from .filenames import CONFIG_NAME
 from .tensor_file import LazyTensors, is_index, read_exactly, short_repr
 from .torch_pickle import open_torch_bin
 
@@ -42,7 +43,6 @@ TF_WEIGHTS_NAME = "tf_model.h5"  # transformers' TF weights (Keras 2 HDF5); read
 PRETRAINED_WEIGHT_NAMES = PYTORCH_WEIGHT_NAMES + (TF_WEIGHTS_NAME,)
 KERAS_WEIGHTS_NAME = "model.weights.h5"  # Keras 3's own files, written and read by conversion.keras_native
 KERAS_MODEL_NAME = "model.keras"
-CONFIG_NAME = "config.json"
 
 _SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -339,28 +339,40 @@ def check_pretrained_folder(directory: str, needs_config: bool = True) -> None:
     if os.path.isfile(directory):
         raise CheckpointError(f"{directory}: is a file; pass the folder that holds config.json")
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: no such folder; pass the folder that holds config.json and the weights "
-                              f"(hub names are not downloaded)")
+        raise CheckpointError(f"{directory}: no such folder; pass the folder that holds config.json and the weights, "
+                              f"or a hub repository id (org/name)")
     if needs_config and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         present = sorted(os.listdir(directory))
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} in this folder (it holds {present or 'nothing'}); pass "
                               f"the folder that holds config.json, or give config=")
 
 
-def read_pretrained(directory: str, with_head: bool, config=None, strict: bool = True,
-                    ignore_mismatched_sizes: bool = False, **config_overrides: Any):
-    """What both models' `from_pretrained` start from: the config (read from the folder unless given, with
-    overrides applied), the folder's state dict (lazy: the caller closes it) and the checked plan mapping it onto
-    the model's weight table. Raises `WeightLoadError` as `LoadPlan.check` does."""
+class Pretrained(NamedTuple):
+    """What both models' `from_pretrained` start from (see `read_pretrained`)."""
+    directory: str  # the local folder read: the path given, or the hub snapshot it names
+    config: Any
+    state: LazyTensors  # lazy: the caller closes it
+    plan: Any  # the checked `LoadPlan` mapping the state onto the model's weight table
+    image_processor: Any  # the folder's preprocessor_config.json as a CvtImageProcessor, or None
+
+
+def read_pretrained(name_or_path: str, with_head: bool, config=None, strict: bool = True,
+                    ignore_mismatched_sizes: bool = False, hub_options: Optional[Mapping[str, Any]] = None,
+                    **config_overrides: Any) -> Pretrained:
+    """Resolve `name_or_path` (a folder, or a hub id fetched with `hub_options`), read its config (unless given, with
+    overrides applied), its state dict and its preprocessing, and check the plan mapping the state onto the model's
+    weight table. Raises `WeightLoadError` as `LoadPlan.check` does, `CheckpointError` for a bad folder or name."""
     from .config import CvtConfig
+    from .hub import resolve_pretrained
     from .weights import plan_load
 
-    directory = os.fspath(directory)
+    directory = resolve_pretrained(name_or_path, **dict(hub_options or {}))
     check_pretrained_folder(directory, needs_config=config is None)
     if config is None:
         config = CvtConfig.from_pretrained(directory, **config_overrides)
     elif config_overrides:
         config = config.copy(**config_overrides)
+    image_processor = _folder_image_processor(directory)
     state = load_pretrained_state(directory)
     try:
         plan = plan_load(config, with_head, state.shapes)
@@ -368,7 +380,57 @@ def read_pretrained(directory: str, with_head: bool, config=None, strict: bool =
     except BaseException:
         state.close()
         raise
-    return config, state, plan
+    return Pretrained(directory, config, state, plan, image_processor)
+
+
+def _folder_image_processor(directory: str):
+    from .image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor
+
+    path = os.path.join(directory, PREPROCESSOR_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return CvtImageProcessor.from_pretrained(path)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a usable preprocessor config ({' '.join(str(exc).split())})") from None
+
+
+def save_pretrained_folder(directory: str, config, with_head: bool, architecture: str,
+                           tensors: Mapping[str, np.ndarray], image_processor=None, push_to_hub: bool = False,
+                           repo_id: Optional[str] = None, **push_options: Any) -> str:
+    """What both models' `save_pretrained` write: config.json (naming `architecture`), model.safetensors and
+    preprocessor_config.json (`image_processor`, else the released checkpoints' preprocessing at the config's
+    resolution), each atomically; then, with `push_to_hub`, the folder is uploaded to `repo_id` (default: the folder's
+    name). Warns once when transformers could not build or reproduce the config. Returns `directory`."""
+    import copy
+    import warnings
+
+    from .config import transformers_differences
+    from .image_processing import CvtImageProcessor
+
+    directory = os.fspath(directory)
+    config = copy.deepcopy(config)
+    config.extra["architectures"] = [architecture]
+    config.validate()
+    os.makedirs(directory, exist_ok=True)
+    save_pretrained_state(directory, tensors)
+    config.save_pretrained(directory)
+    if image_processor is None:
+        try:
+            image_processor = CvtImageProcessor.for_config(config)
+        except ValueError:  # a non-square image_size: the released recipe at its shorter side
+            image_processor = CvtImageProcessor.for_resolution(min(config.image_size))
+    image_processor.save_pretrained(directory)
+    differences = transformers_differences(config, with_head)
+    if differences:
+        warnings.warn(f"{directory}: transformers cannot build this model or computes other outputs from it: "
+                      f"{'; '.join(differences)}. It loads unchanged with cvt_torch / cvt_tf (docs/conversion.md).",
+                      UserWarning, stacklevel=3)
+    if push_to_hub:
+        from .hub import push_to_hub as push
+
+        push(directory, repo_id or os.path.basename(os.path.abspath(directory)), **push_options)
+    return directory
 
 
 def save_pretrained_state(directory: str, tensors: Mapping[str, np.ndarray]) -> str:

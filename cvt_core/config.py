@@ -70,6 +70,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "cvt-w24": {"embed_dim": [192, 768, 1024], "num_heads": [3, 12, 16], "depth": [2, 2, 20], "drop_path_rate": [0.0, 0.0, 0.3]},
 }
 
+DEFAULT_IMAGE_SIZE = 224  # the released CvT models' resolution, for configs that name none
+
 # Keys transformers writes into config.json that carry no meaning for the architecture; kept and written back.
 _PASSTHROUGH_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
 
@@ -358,28 +360,27 @@ class CvtConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "CvtConfig":
-        """`cvt-13`, `cvt-21` or `cvt-w24` (as `microsoft/cvt-13` etc.); keyword arguments override fields."""
-        key = name.lower().split("/")[-1]
-        for suffix in ("-384-22k", "-384", "-22k"):
-            if key.endswith(suffix) and key[: -len(suffix)] in PRESETS:
-                key = key[: -len(suffix)]
-                overrides.setdefault("image_size", 384)
-        if key not in PRESETS:
+        """`cvt-13`, `cvt-21` or `cvt-w24` (as `microsoft/cvt-13` etc.): the architecture only, a model built from it
+        has random weights. Keyword arguments override fields."""
+        key = preset_key(name)
+        if key is None:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         fields = dict(PRESETS[key])
-        fields.setdefault("image_size", 224)
+        fields.setdefault("image_size", 384 if _preset_resolution(name) == 384 else 224)
         if "id2label" not in overrides:
             fields.setdefault("num_labels", 1000)  # the released checkpoints are ImageNet-1k classifiers
         fields.update(overrides)
         return cls(**fields)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write `config.json` into `directory` (created if needed), atomically; returns the file's path."""
+        """Write `config.json` into `directory` (created if needed), atomically; returns the file's path. The file
+        always names `image_size` (224 when unset), which transformers' TF classes need to build."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "config.json")
+        written = self if self.image_size is not None else self.copy(image_size=DEFAULT_IMAGE_SIZE)
         with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+            f.write(written.to_json_string())
         return path
 
     def copy(self, **overrides: Any) -> "CvtConfig":
@@ -390,6 +391,39 @@ class CvtConfig:
 
     def __repr__(self) -> str:
         return f"CvtConfig({self.to_json_string()})"
+
+
+def _preset_resolution(name: str) -> int:
+    return 384 if "-384" in name.lower() else 224
+
+
+def preset_key(name: str) -> Optional[str]:
+    """The `PRESETS` key `name` names (`cvt-13`, `microsoft/cvt-13-384-22k`, ...), or None."""
+    key = str(name).lower().split("/")[-1]
+    for suffix in ("-384-22k", "-384", "-22k"):
+        if key.endswith(suffix) and key[: -len(suffix)] in PRESETS:
+            key = key[: -len(suffix)]
+    return key if key in PRESETS else None
+
+
+def transformers_differences(config: CvtConfig, with_head: bool) -> List[str]:
+    """Why transformers (4.57.6, and 5.x for PyTorch) cannot build this config or computes other outputs from it
+    in inference; empty when it reproduces the model. docs/conversion.md lists the same reasons."""
+    reasons = []
+    short = [s for s, depth in enumerate(config.depth) if depth <= s]
+    if short:
+        reasons.append(f"depth {config.depth}: transformers cannot build a stage s with depth[s] <= s (stage {short[0]})")
+    if "avg" in config.qkv_projection_method:
+        reasons.append("qkv_projection_method 'avg': transformers cannot build it")
+    early = [s for s, on in enumerate(config.cls_token[:-1]) if on]
+    if early:
+        reasons.append(f"cls_token on stage {early[0]}: transformers supports a cls token on the last stage only")
+    if with_head and not config.cls_token[-1]:
+        reasons.append("a classifier without a cls token on the last stage: transformers' forward fails")
+    if config.hidden_act == "quick_gelu":
+        reasons.append("hidden_act 'quick_gelu': transformers always computes exact GELU, so its logits differ "
+                       "(about 0.15 on the released weights)")
+    return reasons
 
 
 def _accepted_keys() -> set:

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_write
+from .filenames import PREPROCESSOR_CONFIG_NAME
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,7 +52,6 @@ __all__ = [
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 # At or above this shortest edge transformers' ConvNext processor warps to a square instead of resize + crop.
 WARP_THRESHOLD = 384
@@ -273,14 +273,19 @@ class CvtImageProcessor:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], **overrides: Any) -> "CvtImageProcessor":
-        """Read ``preprocessor_config.json`` from a checkpoint directory, or a JSON file given directly."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, PREPROCESSOR_CONFIG_NAME)
-        if not os.path.isfile(path):
+        """Read ``preprocessor_config.json`` from a checkpoint directory, a JSON file given directly, or a hub
+        repository (``org/name`` or ``hf://org/name``; ``revision=``, ``cache_dir=``, ``local_files_only=``, ``token=``
+        go to huggingface_hub). Other keyword arguments override fields."""
+        from .hub import resolve_file, split_hub_options
+
+        name = os.fspath(path)
+        hub_options = split_hub_options(overrides)
+        path = resolve_file(name, PREPROCESSOR_CONFIG_NAME, **hub_options)
+        if path is None:
+            where = os.path.join(name, PREPROCESSOR_CONFIG_NAME) if os.path.isdir(name) else name
             raise FileNotFoundError(
-                f"{path}: no such preprocessor config (give a checkpoint directory holding {PREPROCESSOR_CONFIG_NAME} "
-                f"or the JSON file itself; hub names are not downloaded)"
+                f"{where}: no such preprocessor config (give a checkpoint directory or hub repository holding "
+                f"{PREPROCESSOR_CONFIG_NAME}, or the JSON file itself)"
             )
         try:
             with open(path, encoding="utf-8") as f:

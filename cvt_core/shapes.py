@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, NamedTuple, Sequence, Tuple
 
-from .config import CvtConfig
+from .config import DEFAULT_IMAGE_SIZE, CvtConfig
 
 
 class InputTooSmallError(ValueError):
@@ -147,9 +147,6 @@ def stage_geometry(config: CvtConfig, height: int, width: int) -> List[StageGeom
 def stage_output_sizes(config: CvtConfig, height: int, width: int) -> List[Tuple[int, int]]:
     """(height, width) of every stage's output grid, e.g. [(56, 56), (28, 28), (14, 14)] for cvt-13 at 224."""
     return [(g.height, g.width) for g in stage_geometry(config, height, width)]
-
-
-DEFAULT_IMAGE_SIZE = 224  # the released CvT models' resolution, for configs that name none
 
 
 def default_input_size(config: CvtConfig) -> Tuple[int, int]:

@@ -1,5 +1,6 @@
 """What both frameworks' `fit` (`cvt_torch.training.fit`, `cvt_tf.training.fit`) share, in NumPy terms: the checks
-of their data and settings, the step counts of the warm-up + cosine schedule, and `FitResult`, what either returns.
+of their data and settings, the step counts of the warm-up + cosine schedule, `FitResult`, what either returns, and
+how the models' own loss announces the problem type it infers.
 
     schedule = training_schedule(num_samples=1437, batch_size=64, epochs=15, warmup_epochs=1.0)
     schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps      # 23, 345, 23
@@ -7,12 +8,30 @@ of their data and settings, the step counts of the warm-up + cosine schedule, an
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from .batching import num_batches
+
+logger = logging.getLogger("cvt")
+
+
+def announce_inferred_problem_type(model_name: str, problem_type: str, num_labels: int) -> None:
+    """Say which loss a model's own loss picked when `config.problem_type` is unset (transformers' inference from
+    num_labels and the labels' dtype): logged at INFO level, and a UserWarning for multi-label, the pick that one-hot
+    single-label targets fall into. The models call this once each."""
+    logger.info("%s: config.problem_type is unset; training with %s (inferred from num_labels=%d and the labels' "
+                "dtype, as transformers does)", model_name, problem_type, num_labels)
+    if problem_type == "multi_label_classification":
+        warnings.warn(f"{model_name}: config.problem_type is unset and the labels are floats, so the model's own loss "
+                      f"is multi-label sigmoid BCE over {num_labels} outputs (transformers' rule). For one-hot "
+                      f"single-label targets pass integer class ids, or set config.problem_type="
+                      f"'single_label_classification'; setting config.problem_type also silences this",
+                      UserWarning, stacklevel=4)
 
 
 class TrainingSchedule(NamedTuple):

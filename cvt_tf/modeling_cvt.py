@@ -52,12 +52,14 @@ from keras import ops  # noqa: E402
 from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk and stores)
 
 from cvt_core.atomic import atomic_write  # noqa: E402
-from cvt_core.checkpoint import read_pretrained, save_pretrained_state  # noqa: E402
-from cvt_core.config import CvtConfig  # noqa: E402
+from cvt_core.checkpoint import read_pretrained, save_pretrained_folder  # noqa: E402
+from cvt_core.config import CvtConfig, preset_key  # noqa: E402
+from cvt_core.hub import resolve_pretrained, split_hub_options  # noqa: E402
 from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names  # noqa: E402
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
 from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,  # noqa: E402
                              minimum_input_size)
+from cvt_core.training import announce_inferred_problem_type  # noqa: E402
 from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
 
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
@@ -229,10 +231,13 @@ class TFCvtConvEmbeddings(keras.layers.Layer):
         super().__init__(**kwargs)
         self.in_channels = config.stage_in_channels(stage)
         self.embed_dim = config.embed_dim[stage]
-        self.padding = keras.layers.ZeroPadding2D(config.patch_padding[stage], name="padding")
+        # the layers compute NHWC whatever keras.config.image_data_format() says
+        self.padding = keras.layers.ZeroPadding2D(config.patch_padding[stage], data_format="channels_last",
+                                                  name="padding")
         self.projection = keras.layers.Conv2D(
             self.embed_dim, config.patch_sizes[stage], strides=config.patch_stride[stage], padding="valid",
-            kernel_initializer=_kernel_initializer(config), bias_initializer="zeros", name="projection")
+            data_format="channels_last", kernel_initializer=_kernel_initializer(config), bias_initializer="zeros",
+            name="projection")
         self.normalization = _layer_norm("normalization")
 
     def build(self, input_shape=None):
@@ -271,10 +276,10 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
         super().__init__(**kwargs)
         self.embed_dim = config.embed_dim[stage]
         projection = attention_projection(config, stage, role)
-        self.padding = keras.layers.ZeroPadding2D(projection.padding, name="padding")
+        self.padding = keras.layers.ZeroPadding2D(projection.padding, data_format="channels_last", name="padding")
         self.convolution = GroupedDepthwiseConv2D(
             self.embed_dim, projection.kernel_size, strides=projection.stride, padding="valid", use_bias=False,
-            kernel_initializer=_kernel_initializer(config), name="convolution")
+            data_format="channels_last", kernel_initializer=_kernel_initializer(config), name="convolution")
         self.normalization = TorchBatchNormalization(name="normalization")
 
     def build(self, input_shape=None):
@@ -793,14 +798,17 @@ class TFCvtPreTrainedModel(keras.Model):
     with_head = False
     architecture = "CvtModel"
 
-    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
+    def __init__(self, config: CvtConfig, data_format: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(config, CvtConfig):
             raise TypeError(f"config must be a cvt_core.CvtConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        self.data_format = _check_data_format(data_format)
-        self.cvt = TFCvtMainLayer(config, data_format=data_format, name="cvt")
+        self.data_format = _check_data_format(keras.config.image_data_format() if data_format is None else data_format)
+        self.cvt = TFCvtMainLayer(config, data_format=self.data_format, name="cvt")
+        # The preprocessing the weights expect (a cvt_core CvtImageProcessor): read by from_pretrained, written by
+        # save_pretrained; None means the released checkpoints' preprocessing at the config's resolution.
+        self.image_processor = None
 
     def _resolve_flags(self, output_hidden_states, output_attentions, return_dict):
         config = self.config
@@ -983,20 +991,24 @@ class TFCvtPreTrainedModel(keras.Model):
         super().load_own_variables(store)
 
     @classmethod
-    def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
-                        ignore_mismatched_sizes: bool = False, data_format: str = "channels_first",
-                        **config_overrides: Any):
-        """Load a transformers checkpoint folder: config.json + model.safetensors or pytorch_model.bin, or tf_model.h5
-        (transformers' TF weights) in a folder without PyTorch weights.
+    def from_pretrained(cls, name_or_path: str, config: Optional[CvtConfig] = None, strict: bool = True,
+                        ignore_mismatched_sizes: bool = False, data_format: str = "channels_first", **kwargs: Any):
+        """Load a transformers checkpoint: a local folder (config.json + model.safetensors or pytorch_model.bin, or
+        tf_model.h5, transformers' TF weights, in a folder without PyTorch weights) or a hub repository (`org/name`
+        or `hf://org/name`), fetched and cached by huggingface_hub: `revision=`, `cache_dir=`, `local_files_only=`,
+        `token=`, `force_download=` and `HF_HUB_OFFLINE` work as in transformers. Other keyword arguments override
+        config fields. `data_format` defaults to NCHW, as transformers' TF classes take (`from_preset` and the
+        constructor follow `keras.config.image_data_format()` instead). The folder's preprocessor_config.json
+        becomes `model.image_processor`, which `save_pretrained` writes back.
 
         `strict`: missing or unexpected weights raise `WeightLoadError` (else they are reported and missing ones
         keep their initial values); `ignore_mismatched_sizes`: mis-shaped weights are re-initialised instead of
         raising. A classifier checkpoint loads into the bare model; a bare checkpoint loads into the classifier
         with a fresh head (with a warning).
         """
-        directory = os.fspath(directory)
-        config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
-                                              **config_overrides)
+        hub_options = split_hub_options(kwargs)
+        directory, config, state, plan, image_processor = read_pretrained(
+            name_or_path, cls.with_head, config, strict, ignore_mismatched_sizes, hub_options, **kwargs)
         try:
             model = cls(config, data_format=data_format)
             model.build_with_dummy_input()
@@ -1009,6 +1021,7 @@ class TFCvtPreTrainedModel(keras.Model):
                 variable.assign(np.asarray(value, dtype=variable.dtype))
         finally:
             state.close()
+        model.image_processor = image_processor
         if plan.fresh_head:
             warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
                           f"{', '.join(plan.fresh_head)}. Train the model before using its predictions.", stacklevel=2)
@@ -1021,12 +1034,14 @@ class TFCvtPreTrainedModel(keras.Model):
                           f"unexpected (ignored): {plan.unexpected or 'none'}", stacklevel=2)
         return model
 
-    def save_pretrained(self, directory: str) -> str:
-        """Write config.json and model.safetensors in transformers' PyTorch layout and names; returns `directory`.
-
-        BatchNorm `num_batches_tracked` is written as 0: a Keras model does not count batches.
+    def save_pretrained(self, directory: str, push_to_hub: bool = False, repo_id: Optional[str] = None,
+                        **push_options: Any) -> str:
+        """Write config.json, model.safetensors (transformers' PyTorch layout and names) and preprocessor_config.json
+        (`self.image_processor`, else the released checkpoints' preprocessing); a warning says when transformers
+        cannot build or reproduce the config. `push_to_hub=True` then uploads the folder to `repo_id` (default: the
+        folder's name) with huggingface_hub (`token=`, `private=`, `commit_message=`, `revision=`). Returns
+        `directory`. BatchNorm `num_batches_tracked` is written as 0: a Keras model does not count batches.
         """
-        directory = os.fspath(directory)
         weights = self.canonical_weights()
         tensors: Dict[str, np.ndarray] = {}
         for entry in weight_table(self.config, self.with_head):
@@ -1035,11 +1050,53 @@ class TFCvtPreTrainedModel(keras.Model):
                 tensors[name] = np.ascontiguousarray(entry.from_keras(np.asarray(weights[name].numpy())))
             else:
                 tensors[name] = np.zeros(entry.shape, np.int64)
-        config = self.config.copy()
-        config.extra["architectures"] = [self.architecture]
-        save_pretrained_state(directory, tensors)
-        config.save_pretrained(directory)
-        return directory
+        return save_pretrained_folder(directory, self.config, self.with_head, self.architecture, tensors,
+                                      self.image_processor, push_to_hub, repo_id, **push_options)
+
+    # ---------------------------------------------------------------- keras-hub's names
+    @classmethod
+    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs: Any):
+        """keras-hub's entry point. `preset`: a local preset folder (what `save_to_preset` or `save_pretrained`
+        writes), `hf://org/name` or `org/name` on the hub, loaded as `from_pretrained` loads them; or an
+        architecture name (`cvt-13`, `cvt-21`, `cvt-w24`, `cvt-13-384`), which has no weights: it needs
+        `load_weights=False` and gives random weights. The data format follows `keras.config.image_data_format()`
+        unless `data_format=` is given; other keyword arguments go to `from_pretrained` (or, for an architecture
+        name, override config fields)."""
+        data_format = kwargs.pop("data_format", None)
+        # the backbone's stage choice is the model's, not the config's
+        model_arguments = {key: kwargs.pop(key) for key in ("out_features", "out_indices") if key in kwargs}
+        name = os.fspath(preset)
+        if preset_key(name) is not None and "/" not in name and not os.path.exists(name):
+            if load_weights:
+                raise ValueError(f"{name!r} names an architecture only, with no weights: pass load_weights=False for "
+                                 f"random weights, or from_preset('hf://microsoft/{name.lower()}') for the released ones")
+            return cls(CvtConfig.from_preset(name, **kwargs), data_format=data_format, **model_arguments)
+        if not load_weights:
+            directory = resolve_pretrained(name, **split_hub_options(kwargs))
+            return cls(CvtConfig.from_pretrained(directory, **kwargs), data_format=data_format, **model_arguments)
+        return cls.from_pretrained(name, data_format=data_format or keras.config.image_data_format(),
+                                   **model_arguments, **kwargs)
+
+    def summary(self, *args, **kwargs):
+        """Keras' `summary`, after building the variables (with the smallest input the config accepts) if the model
+        was never called, so that every row shows its parameters."""
+        if not self.built:
+            self.build_with_dummy_input()
+        return super().summary(*args, **kwargs)
+
+    def save_to_preset(self, preset_dir: str) -> str:
+        """keras-hub's name for `save_pretrained`: the folder `from_preset` (and transformers) loads."""
+        return self.save_pretrained(preset_dir)
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """The number of parameters, as PyTorch counts them (BatchNorm moving statistics are state, not parameters);
+        `only_trainable`: the trainable ones. As transformers' `num_parameters()`; builds the model if needed."""
+        if not self.built:
+            self.build_with_dummy_input()
+        statistics = {id(v) for layer in self._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
+                      for v in (layer.moving_mean, layer.moving_variance)}
+        variables = self.trainable_weights if only_trainable else self.weights
+        return int(sum(np.prod(v.shape) for v in variables if id(v) not in statistics))
 
 
 def _child_layer(layer: keras.layers.Layer, name: str) -> keras.layers.Layer:
@@ -1079,7 +1136,7 @@ class TFCvtBackbone(TFCvtModel):
     for the released configs), as keras-hub's pyramid backbones key them. The weights are `TFCvtModel`'s."""
 
     def __init__(self, config: CvtConfig, out_features: Optional[List[str]] = None,
-                 out_indices: Optional[List[int]] = None, data_format: str = "channels_first", **kwargs):
+                 out_indices: Optional[List[int]] = None, data_format: Optional[str] = None, **kwargs):
         super().__init__(config, data_format=data_format, **kwargs)
         self._choose_stages(out_features, out_indices)
 
@@ -1102,13 +1159,12 @@ class TFCvtBackbone(TFCvtModel):
         return {**super().get_config(), "out_features": list(self.out_features)}
 
     @classmethod
-    def from_pretrained(cls, directory: str, config: Optional[CvtConfig] = None, strict: bool = True,
+    def from_pretrained(cls, name_or_path: str, config: Optional[CvtConfig] = None, strict: bool = True,
                         ignore_mismatched_sizes: bool = False, out_features: Optional[List[str]] = None,
-                        out_indices: Optional[List[int]] = None, data_format: str = "channels_first",
-                        **config_overrides: Any):
+                        out_indices: Optional[List[int]] = None, data_format: str = "channels_first", **kwargs: Any):
         """`TFCvtModel.from_pretrained` (a classifier checkpoint's head is left out), then the chosen stages."""
-        model = super().from_pretrained(directory, config, strict, ignore_mismatched_sizes, data_format=data_format,
-                                        **config_overrides)
+        model = super().from_pretrained(name_or_path, config, strict, ignore_mismatched_sizes, data_format=data_format,
+                                        **kwargs)
         model._choose_stages(out_features, out_indices)
         return model
 
@@ -1138,7 +1194,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
     with_head = True
     architecture = "CvtForImageClassification"
 
-    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
+    def __init__(self, config: CvtConfig, data_format: Optional[str] = None, **kwargs):
         super().__init__(config, data_format=data_format, **kwargs)
         self.layernorm = _layer_norm("layernorm")
         if config.num_labels > 0:
@@ -1186,19 +1242,28 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         return _apply_layer_norm(self.layernorm, _grid_to_tokens(grid))
 
     def problem_type_for(self, labels) -> str:
-        """config.problem_type, or transformers' inference from num_labels and the labels' dtype."""
+        """config.problem_type, or transformers' inference from num_labels and the labels' dtype (the config is not
+        changed). An inferred pick is announced once per model (`announce_inferred_problem_type`): a multi-label
+        pick, where one-hot single-label targets land, with a UserWarning."""
         if self.config.problem_type is not None:
             return self.config.problem_type
         if self.config.num_labels == 1:
-            return "regression"
-        if tf.as_dtype(labels.dtype).is_integer:
-            return "single_label_classification"
-        return "multi_label_classification"
+            problem_type = "regression"
+        elif tf.as_dtype(labels.dtype).is_integer:
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+        if self.__dict__.get("_announced_problem_type") != problem_type:
+            object.__setattr__(self, "_announced_problem_type", problem_type)  # a plain attribute, not tracked
+            announce_inferred_problem_type(type(self).__name__, problem_type, self.config.num_labels)
+        return problem_type
 
     def compute_classification_loss(self, labels, logits, sample_weight=None):
         """MSE (regression), softmax cross-entropy ignoring label -100 (single label) or sigmoid BCE (multi label),
         each a mean over the batch, as transformers' PyTorch model computes it. Computed in float32 whatever the
-        logits' dtype (mixed precision). With `sample_weight`, the mean is weighted per sample."""
+        logits' dtype (mixed precision). With `sample_weight` the loss is sum(w * loss) / n over the n samples that
+        count (label -100 does not), 0 when none does: how Keras reduces its compiled losses (`sum_over_batch_size`),
+        so `compile(loss=...)` and the model's own loss weigh samples alike."""
         if self.config.num_labels == 0:
             raise ValueError("num_labels is 0 (identity head): there are no logits to compute a loss from")
         labels = tf.convert_to_tensor(labels)
@@ -1223,9 +1288,10 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             labels = tf.cast(labels, logits.dtype)
             per_sample = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1)
             valid = tf.ones_like(per_sample)
+        count = tf.reduce_sum(valid)
         if sample_weight is not None:
             valid = valid * tf.reshape(tf.cast(sample_weight, per_sample.dtype), [-1])
-        return tf.math.divide_no_nan(tf.reduce_sum(per_sample * valid), tf.reduce_sum(valid))
+        return tf.math.divide_no_nan(tf.reduce_sum(per_sample * valid), count)
 
     def _checked_class_indices(self, labels, valid):
         """`labels`, refused unless each is a class index in [0, num_labels) or the ignored -100: a ValueError

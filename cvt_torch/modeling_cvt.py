@@ -25,7 +25,6 @@ Hooks, replaced modules and patched forwards run where they are, on that one pat
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from typing import List, Optional, Tuple, Union
@@ -34,11 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvt_core.checkpoint import read_pretrained, save_pretrained_state
+from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
+from cvt_core.hub import split_hub_options
 from cvt_core.config import CvtConfig
 from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names, stage_strides
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import attention_projection, check_pixel_values_shape
+from cvt_core.training import announce_inferred_problem_type
 
 from . import kernels
 from .numpy_bridge import model_with_weights, tensor_to_numpy
@@ -69,18 +70,20 @@ def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
 
 
 def _weighted_mean(per_sample: torch.Tensor, sample_weight, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum(w * loss) / sum(w) in float32 over the samples that are `counted`, 0 when the weights sum to 0 (as
-    TensorFlow's divide_no_nan in the Keras model); in the dtype of `per_sample`."""
+    """sum(w * loss) / n in float32, n being the number of samples that are `counted` (all by default): Keras'
+    `sum_over_batch_size` rule for its compiled losses, which the Keras model's own loss follows too; 0 when n is 0.
+    In the dtype of `per_sample`."""
     weights = torch.as_tensor(sample_weight, device=per_sample.device).reshape(-1).to(torch.float32)
     if weights.numel() != per_sample.numel():
         raise ValueError(f"sample_weight must hold one weight per sample: got {weights.numel()} weights for "
                          f"{per_sample.numel()} samples")
+    count = torch.tensor(float(per_sample.numel()), device=per_sample.device)
     if counted is not None:
         weights = weights * counted.to(torch.float32)
+        count = counted.to(torch.float32).sum()
     total = (per_sample.to(torch.float32) * weights).sum()
-    denominator = weights.sum()
-    has_weight = denominator != 0
-    loss = torch.where(has_weight, total / torch.where(has_weight, denominator, 1.0), 0.0)
+    has_samples = count != 0
+    loss = torch.where(has_samples, total / torch.where(has_samples, count, 1.0), 0.0)
     return loss.to(per_sample.dtype)
 
 
@@ -500,6 +503,9 @@ class CvtPreTrainedModel(nn.Module):
             raise TypeError(f"config must be a cvt_core CvtConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
+        # The preprocessing the weights expect (a cvt_core CvtImageProcessor): read by from_pretrained, written by
+        # save_pretrained; None means the released checkpoints' preprocessing at the config's resolution.
+        self.image_processor = None
 
     # ------------------------------------------------------------------ initialisation
     def _init_weights(self, module: nn.Module) -> None:
@@ -547,23 +553,28 @@ class CvtPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
-                        strict: bool = True, ignore_mismatched_sizes: bool = False, **config_overrides):
-        """Build the model from a transformers-format folder: config.json + model.safetensors / pytorch_model.bin, or
-        tf_model.h5 (transformers' TF weights) in a folder without PyTorch weights.
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
+                        strict: bool = True, ignore_mismatched_sizes: bool = False, **kwargs):
+        """Build the model from a transformers-format checkpoint: a local folder (config.json + model.safetensors /
+        pytorch_model.bin, or tf_model.h5, transformers' TF weights, in a folder without PyTorch weights) or a hub
+        repository (`org/name` or `hf://org/name`), fetched and cached by huggingface_hub: `revision=`, `cache_dir=`,
+        `local_files_only=`, `token=`, `force_download=` and `HF_HUB_OFFLINE` work as in transformers. Other keyword
+        arguments override config fields (`num_labels=10`). The folder's preprocessor_config.json becomes
+        `model.image_processor`, which `save_pretrained` writes back.
 
         A classifier checkpoint loads into `CvtModel` (its head is ignored); a bare checkpoint loads into
         `CvtForImageClassification` with a freshly initialised head (with a UserWarning). Missing, unexpected or
         mis-shaped weights raise `WeightLoadError` unless `strict=False` / `ignore_mismatched_sizes=True`, in which
         case the affected weights keep their fresh initialisation and a UserWarning names them.
         """
-        directory = os.fspath(directory)
-        config, state, plan = read_pretrained(directory, cls.with_head, config, strict, ignore_mismatched_sizes,
-                                              **config_overrides)
+        hub_options = split_hub_options(kwargs)
+        directory, config, state, plan, image_processor = read_pretrained(
+            name_or_path, cls.with_head, config, strict, ignore_mismatched_sizes, hub_options, **kwargs)
         try:
             model = model_with_weights(cls, config, list(plan.assignments), lambda target: state[plan.assignments[target]])
         finally:
             state.close()
+        model.image_processor = image_processor
         if plan.fresh_head:
             warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
                           f"{', '.join(plan.fresh_head)}", stacklevel=2)
@@ -579,16 +590,16 @@ class CvtPreTrainedModel(nn.Module):
                           f"{mismatched}", stacklevel=2)
         return model.eval()
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
-        """Write config.json and model.safetensors, loadable by `from_pretrained` here and in transformers; returns
-        `directory`."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        config = copy.deepcopy(self.config)
-        config.extra["architectures"] = [self.architecture]
-        config.save_pretrained(directory)
-        save_pretrained_state(directory, {name: tensor_to_numpy(t) for name, t in self.state_dict().items()})
-        return directory
+    def save_pretrained(self, directory: Union[str, os.PathLike], push_to_hub: bool = False,
+                        repo_id: Optional[str] = None, **push_options) -> str:
+        """Write config.json, model.safetensors and preprocessor_config.json (`self.image_processor`, else the
+        released checkpoints' preprocessing), loadable by `from_pretrained` here and in transformers (a warning says
+        when transformers cannot build or reproduce the config); returns `directory`. `push_to_hub=True` then
+        uploads the folder to `repo_id` (default: the folder's name) with huggingface_hub (`token=`, `private=`,
+        `commit_message=`, `revision=`)."""
+        return save_pretrained_folder(directory, self.config, self.with_head, self.architecture,
+                                      {name: tensor_to_numpy(t) for name, t in self.state_dict().items()},
+                                      self.image_processor, push_to_hub, repo_id, **push_options)
 
     # ------------------------------------------------------------------ timm's feature API
     @property
@@ -634,9 +645,10 @@ class CvtPreTrainedModel(nn.Module):
         features = self._normalised_tokens(outputs) if self.with_head else outputs["last_hidden_state"]
         return features, maps
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """The number of parameters (BatchNorm statistics are buffers, not counted); `only_trainable`: those with
+        `requires_grad`. As transformers' `num_parameters()`."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
 
 # ---------------------------------------------------------------------------------------------- public models
@@ -694,12 +706,11 @@ class CvtBackbone(CvtModel):
         return chosen_channels_and_strides(self.config, self.out_indices)[1]
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
                         strict: bool = True, ignore_mismatched_sizes: bool = False,
-                        out_features: Optional[List[str]] = None, out_indices: Optional[List[int]] = None,
-                        **config_overrides):
+                        out_features: Optional[List[str]] = None, out_indices: Optional[List[int]] = None, **kwargs):
         """`CvtModel.from_pretrained` (a classifier checkpoint's head is left out), then the chosen stages."""
-        model = super().from_pretrained(directory, config, strict, ignore_mismatched_sizes, **config_overrides)
+        model = super().from_pretrained(name_or_path, config, strict, ignore_mismatched_sizes, **kwargs)
         model.out_features, model.out_indices = resolve_out_features(model.config, out_features, out_indices)
         return model
 
@@ -782,21 +793,28 @@ class CvtForImageClassification(CvtPreTrainedModel):
 
     def problem_type_for(self, labels: torch.Tensor) -> str:
         """`config.problem_type`, or else transformers' inference for this call only (the config is not changed):
-        one label -> regression; integer labels -> single-label classification; otherwise multi-label."""
+        one label -> regression; integer labels -> single-label classification; otherwise multi-label. An inferred
+        pick is announced once per model (`announce_inferred_problem_type`)."""
         if self.config.problem_type is not None:
             return self.config.problem_type
         if self.config.num_labels == 1:
-            return "regression"
-        if not labels.is_floating_point() and labels.dtype != torch.bool:
-            return "single_label_classification"
-        return "multi_label_classification"
+            problem_type = "regression"
+        elif not labels.is_floating_point() and labels.dtype != torch.bool:
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+        if self.__dict__.get("_announced_problem_type") != problem_type:
+            self.__dict__["_announced_problem_type"] = problem_type
+            announce_inferred_problem_type(type(self).__name__, problem_type, self.config.num_labels)
+        return problem_type
 
     def compute_classification_loss(self, labels: torch.Tensor, logits: torch.Tensor,
                                     sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """transformers' loss for `problem_type_for(labels)`: MSE (regression), cross-entropy ignoring label
         `IGNORE_INDEX` (single label) or BCE with logits (multi label), each a mean over the batch. With
-        `sample_weight` (one weight per sample) the mean is weighted per sample, sum(w * loss) / sum(w) over the
-        samples that count, and 0 when no weight is left: the Keras model's rule."""
+        `sample_weight` (one weight per sample) the loss is sum(w * loss) / n over the n samples that count (label
+        `IGNORE_INDEX` does not), 0 when none does: Keras' rule for its compiled losses, which the Keras model's own
+        loss follows too."""
         num_labels = self.config.num_labels
         if num_labels == 0:
             raise ValueError("this model has num_labels=0 (no classifier), so it cannot compute a loss from labels")

@@ -79,7 +79,7 @@ def _keras_step(strategy, initial, sync: bool, own_loss: bool = False):
 
     pixels, labels = global_batch()
     with strategy.scope():
-        model = TFCvtForImageClassification(tiny_config())
+        model = TFCvtForImageClassification(tiny_config(), data_format="channels_first")
         model.build_with_dummy_input()
         if initial is not None:
             weights = model.canonical_weights()

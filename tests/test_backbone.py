@@ -118,7 +118,7 @@ def test_the_stem_is_the_pixel_input_and_the_default_is_the_last_stage():
         stem, last = model(pixels).feature_maps
     assert torch.equal(stem, pixels) and last.shape == (1, 48, 4, 4)
     assert cvt_torch.CvtBackbone(config).out_features == ["stage3"]
-    assert cvt_tf.TFCvtBackbone(config).out_indices == [3]
+    assert cvt_tf.TFCvtBackbone(config, data_format="channels_first").out_indices == [3]
 
 
 @pytest.mark.parametrize("out_features, out_indices, fragments", [

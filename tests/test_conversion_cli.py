@@ -153,7 +153,8 @@ def test_existing_destination_needs_force_and_survives_a_failed_replacement(chec
 
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch", "--force")
     assert code == 0, err
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"] and leftovers(tmp_path) == []
+    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert leftovers(tmp_path) == []
 
 
 def test_interrupt_while_writing_leaves_nothing(checkpoint, tmp_path, monkeypatch):
@@ -205,7 +206,7 @@ def test_demo_on_a_tiny_config_ends_with_one_summary_line_and_verify_agrees(chec
     assert lines[0].startswith("cvt demo:")
     assert lines[-1].startswith("demo OK: all 4 formats")
     assert sorted(os.listdir(out_dir)) == ["config.json", "model.keras", "model.safetensors", "model.weights.h5",
-                                           "tf_model.h5"]
+                                           "preprocessor_config.json", "tf_model.h5"]
     code, out, err = cli("verify", out_dir)
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith("OK: all 3 formats (tf_model.h5, model.weights.h5, model.keras) agree")

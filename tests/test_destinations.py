@@ -201,7 +201,8 @@ def test_force_replaces_a_previous_output_and_a_failed_replacement_keeps_it(chec
     assert code == 1 and _listing(dst) == first and leftovers(tmp_path) == []
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch", "--force")
     assert code == 0, err
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"] and leftovers(tmp_path) == []
+    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert leftovers(tmp_path) == []
 
 
 def test_failing_cross_check_prints_no_wrote(checkpoint, tmp_path):

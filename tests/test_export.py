@@ -230,7 +230,7 @@ def test_bad_request_ends_in_one_line_exit_2_and_writes_nothing(sources, tmp_pat
     if dst is not None:
         assert not os.path.exists(dst)
     assert not leftovers(tmp_path) and not (tmp_path / "out").exists()
-    assert sorted(os.listdir(sources["hf"])) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(sources["hf"])) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
 
 def test_every_bad_request_case_is_listed(sources, tmp_path):
@@ -321,7 +321,7 @@ def test_keras_export_serves_float32_at_any_batch_and_size_under_every_policy(tm
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
-        model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG))
+        model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG), data_format="channels_first")
         model.build_with_dummy_input()
         model.export(str(tmp_path / "saved_model"), verbose=False)
     finally:
@@ -342,7 +342,7 @@ def test_keras_litert_export_runs_in_the_plain_tflite_interpreter_at_any_batch(t
 
     import cvt_tf
 
-    model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG))
+    model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG), data_format="channels_first")
     model.build_with_dummy_input()
     path = tmp_path / "model.tflite"
     model.export(str(path), format="litert", verbose=False)

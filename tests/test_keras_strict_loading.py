@@ -87,7 +87,7 @@ def _edited_keras_file(root, name, changes):
 
 
 def _model(changes) -> TFCvtForImageClassification:
-    model = TFCvtForImageClassification(CvtConfig(**_edited(BASE, **changes)))
+    model = TFCvtForImageClassification(CvtConfig(**_edited(BASE, **changes)), data_format="channels_first")
     model.build_with_dummy_input()
     return model
 
@@ -189,7 +189,7 @@ def test_convert_of_unedited_keras_files_still_succeeds(saved, tmp_path):
 @pytest.mark.parametrize("cls_token", [[False, False, True], [False, False, False]])
 def test_empty_batch_gives_empty_outputs_eagerly_in_a_graph_and_in_predict(cls_token):
     config = CvtConfig(**dict(BASE, cls_token=cls_token))
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     model.build_with_dummy_input()
     empty = np.zeros((0, 3, 32, 32), np.float32)
     out = model(empty, output_hidden_states=True, training=False)
@@ -202,7 +202,7 @@ def test_empty_batch_gives_empty_outputs_eagerly_in_a_graph_and_in_predict(cls_t
     np.testing.assert_allclose(graph(tf.constant(PIXELS)).numpy(), model(PIXELS, training=False).logits.numpy(),
                                rtol=1e-5, atol=1e-6)
     assert model.predict(empty, verbose=0).shape == (0, 3)
-    backbone = TFCvtModel(config)
+    backbone = TFCvtModel(config, data_format="channels_first")
     backbone.build_with_dummy_input()
     base = backbone(empty, training=False)
     assert tuple(base.last_hidden_state.shape) == (0, 24, 2, 2)

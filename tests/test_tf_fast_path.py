@@ -40,7 +40,7 @@ def _randomize(model, seed: int) -> None:
 
 
 def _model(seed: int = 0, **overrides) -> TFCvtForImageClassification:
-    model = TFCvtForImageClassification(CvtConfig(**{**TINY, "num_labels": 5, **overrides}))
+    model = TFCvtForImageClassification(CvtConfig(**{**TINY, "num_labels": 5, **overrides}), data_format="channels_first")
     model.build_with_dummy_input()
     _randomize(model, seed)
     return model
@@ -52,7 +52,7 @@ def _images(batch: int = 2, seed: int = 1) -> np.ndarray:
 
 def _fresh_copy(model) -> TFCvtForImageClassification:
     """A new model holding `model`'s current weights: nothing cached can exist in it."""
-    copy = TFCvtForImageClassification(model.config)
+    copy = TFCvtForImageClassification(model.config, data_format="channels_first")
     copy.build_with_dummy_input()
     copy.set_weights(model.get_weights())
     return copy
@@ -124,7 +124,7 @@ def test_eager_call_equals_graph_and_predict():
 
 
 def test_bare_model_eager_equals_graph():
-    model = TFCvtModel(CvtConfig(**TINY))
+    model = TFCvtModel(CvtConfig(**TINY), data_format="channels_first")
     model.build_with_dummy_input()
     _randomize(model, 5)
     x = _images()
@@ -210,7 +210,7 @@ def test_mixed_bfloat16_inference_close_to_float32():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model = TFCvtForImageClassification(reference.config)
+        model = TFCvtForImageClassification(reference.config, data_format="channels_first")
         model.build_with_dummy_input()
         model.set_weights(reference.get_weights())
         assert all(v.dtype == "float32" for v in model.weights)

@@ -85,7 +85,7 @@ def test_variable_paths_and_shapes_equal_weight_table(name, with_head):
 
 def test_cls_token_variable_carries_transformers_tf_name():
     config = CvtConfig(**_two_stage(cls_token=[True, True]))
-    model = TFCvtModel(config)
+    model = TFCvtModel(config, data_format="channels_first")
     model.build_with_dummy_input()
     tokens = {v.path: tuple(v.shape) for v in model.weights if "cls_token" in v.path}
     assert tokens == {"cvt.encoder.stages.0.cls_token": (1, 1, 8), "cvt.encoder.stages.1.cls_token": (1, 1, 16)}
@@ -93,7 +93,7 @@ def test_cls_token_variable_carries_transformers_tf_name():
 
 def test_fresh_weights_are_initialised_like_transformers():
     config = CvtConfig(**TINY, num_labels=3, initializer_range=0.05)
-    weights = TFCvtForImageClassification(config).canonical_weights()
+    weights = TFCvtForImageClassification(config, data_format="channels_first").canonical_weights()
     for entry in weight_table(config, True):
         if not entry.has_keras_twin:
             continue
@@ -175,7 +175,7 @@ def test_classifier_from_bare_checkpoint_keeps_fresh_head_with_warning(hf_refere
 def test_builds_without_image_size_and_runs_any_input_size():
     config = CvtConfig(**TINY, num_labels=3)
     assert config.image_size is None
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     rng = np.random.default_rng(0)
     for height, width in [(64, 64), (33, 95), (16, 16)]:
         out = model(_nchw(rng, 2, height, width), output_hidden_states=True)
@@ -186,7 +186,7 @@ def test_builds_without_image_size_and_runs_any_input_size():
 
 
 def test_explicit_build_creates_every_variable_without_an_input():
-    model = TFCvtForImageClassification(CvtConfig(**TINY))
+    model = TFCvtForImageClassification(CvtConfig(**TINY), data_format="channels_first")
     model.build((None, 3, None, None))
     assert len(model.weights) == sum(e.has_keras_twin for e in weight_table(model.config, True))
 
@@ -195,7 +195,7 @@ def test_explicit_build_creates_every_variable_without_an_input():
 def test_configs_transformers_cannot_build_run_forward_and_train(name):
     config = CvtConfig(**FLEXIBLE_CONFIGS[name])
     keras.utils.set_random_seed(0)  # the zero-gradient check below must not depend on a random initialisation
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     rng = np.random.default_rng(1)
     pixel_values = _nchw(rng, 2, 45, 38)
     labels = np.array([0, config.num_labels - 1])
@@ -222,7 +222,7 @@ def test_configs_transformers_cannot_build_run_forward_and_train(name):
     assert out.logits.shape == (2, config.num_labels)
     sizes = stage_output_sizes(config, 45, 38)
     assert [tuple(h.shape) for h in out.hidden_states] == [(2, c, h, w) for c, (h, w) in zip(config.embed_dim, sizes)]
-    bare = TFCvtModel(config)(pixel_values)
+    bare = TFCvtModel(config, data_format="channels_first")(pixel_values)
     assert bare.last_hidden_state.shape == (2, config.embed_dim[-1]) + sizes[-1]
     if config.cls_token[-1]:
         assert bare.cls_token_value.shape == (2, 1, config.embed_dim[-1])
@@ -244,7 +244,7 @@ def test_no_cls_classifier_pools_the_mean_of_normalised_tokens():
 
 def test_identity_head_returns_pooled_features_when_num_labels_is_zero():
     config = CvtConfig(**TINY, num_labels=0)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     x = _nchw(np.random.default_rng(3), 2, 32, 32)
     out = model(x)
     assert out.logits.shape == (2, 48)
@@ -257,7 +257,7 @@ def test_identity_head_returns_pooled_features_when_num_labels_is_zero():
 
 def test_attentions_have_one_entry_per_layer_with_query_and_key_token_counts():
     config = CvtConfig(**dict(TINY, qkv_projection_method=["dw_bn", "avg", "linear"], cls_token=[True, False, True]))
-    model = TFCvtModel(config)
+    model = TFCvtModel(config, data_format="channels_first")
     out = model(_nchw(np.random.default_rng(4), 2, 50, 61), output_attentions=True)
     expected = [(2, config.num_heads[g.stage], g.num_query_tokens, g.num_key_tokens)
                 for g in stage_geometry(config, 50, 61) for _ in range(config.depth[g.stage])]
@@ -270,12 +270,12 @@ def test_attentions_have_one_entry_per_layer_with_query_and_key_token_counts():
 def test_return_dict_false_gives_transformers_tuple_order():
     config = CvtConfig(**TINY, num_labels=3)
     x = _nchw(np.random.default_rng(5), 2, 32, 32)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     loss, logits, hidden_states = model(x, labels=np.array([0, 2]), output_hidden_states=True, return_dict=False)
     assert loss.shape == () and logits.shape == (2, 3) and len(hidden_states) == 3
     (logits_only,) = model(x, return_dict=False)
     np.testing.assert_array_equal(logits_only.numpy(), logits.numpy())
-    bare = TFCvtModel(config)
+    bare = TFCvtModel(config, data_format="channels_first")
     last, cls_token, hidden_states, attentions = bare(x, output_hidden_states=True, output_attentions=True,
                                                       return_dict=False)
     assert last.shape == (2, 48, 2, 2) and cls_token.shape == (2, 1, 48) and len(hidden_states) == 3
@@ -284,7 +284,7 @@ def test_return_dict_false_gives_transformers_tuple_order():
 
 def test_config_flags_are_the_defaults_of_call():
     config = CvtConfig(**TINY, output_hidden_states=True, use_return_dict=False)
-    out = TFCvtModel(config)(_nchw(np.random.default_rng(6), 1, 32, 32))
+    out = TFCvtModel(config, data_format="channels_first")(_nchw(np.random.default_rng(6), 1, 32, 32))
     assert isinstance(out, tuple) and len(out) == 3 and len(out[2]) == 3
 
 
@@ -365,7 +365,7 @@ def test_batchnorm_training_step_matches_torch_including_unbiased_running_varian
 
 
 def test_batchnorm_statistics_only_change_in_training():
-    model = TFCvtModel(CvtConfig(**TINY))
+    model = TFCvtModel(CvtConfig(**TINY), data_format="channels_first")
     x = _nchw(np.random.default_rng(11), 2, 32, 32)
     model(x)
     bn = model.cvt.encoder.stages[1].blocks[0].attention.attention.convolution_projection_key.convolution_projection.normalization
@@ -379,7 +379,7 @@ def test_batchnorm_statistics_only_change_in_training():
 # ------------------------------------------------------------------------------------------------ drop path
 def test_drop_path_rate_follows_the_per_layer_linspace_of_each_stage():
     config = CvtConfig(**dict(TINY, depth=[1, 2, 5], drop_path_rate=[0.0, 0.1, 0.4]))
-    model = TFCvtModel(config)
+    model = TFCvtModel(config, data_format="channels_first")
     rates = [[block.drop_path.drop_prob for block in stage.blocks] for stage in model.cvt.encoder.stages]
     assert rates == [config.drop_path_rates(s) for s in range(3)]
     np.testing.assert_allclose(rates[2], [0.0, 0.1, 0.2, 0.3, 0.4])
@@ -409,7 +409,7 @@ def test_dropped_residual_branches_leave_the_input_unchanged_not_zero():
 
 def test_dropout_is_only_active_in_training():
     config = CvtConfig(**dict(TINY, drop_rate=[0.3] * 3, attention_drop_rate=[0.3] * 3, drop_path_rate=[0.0] * 3))
-    model = TFCvtModel(config)
+    model = TFCvtModel(config, data_format="channels_first")
     x = _nchw(np.random.default_rng(13), 2, 32, 32)
     np.testing.assert_array_equal(model(x).last_hidden_state.numpy(), model(x).last_hidden_state.numpy())
     assert not np.allclose(model(x, training=True).last_hidden_state.numpy(), model(x).last_hidden_state.numpy())
@@ -418,7 +418,7 @@ def test_dropout_is_only_active_in_training():
 # ------------------------------------------------------------------------------------------------ validation
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.int64])
 def test_integer_pixel_values_raise_type_error_naming_the_dtype(dtype):
-    model = TFCvtModel(CvtConfig(**TINY))
+    model = TFCvtModel(CvtConfig(**TINY), data_format="channels_first")
     with pytest.raises(TypeError, match=np.dtype(dtype).name):
         model(np.zeros((1, 3, 32, 32), dtype))
 
@@ -438,7 +438,7 @@ def test_malformed_pixel_values_raise_value_error(shape, data_format, match):
 
 def test_too_small_input_raises_input_too_small_error():
     with pytest.raises(InputTooSmallError):
-        TFCvtForImageClassification(CvtConfig(**TINY))(np.zeros((1, 3, 2, 2), np.float32))
+        TFCvtForImageClassification(CvtConfig(**TINY), data_format="channels_first")(np.zeros((1, 3, 2, 2), np.float32))
 
 
 def test_unknown_data_format_is_refused():
@@ -535,13 +535,13 @@ def test_get_config_from_config_round_trip_rebuilds_an_equal_model():
     for name, variable in model.canonical_weights().items():
         clone_weights[name].assign(variable)
     np.testing.assert_allclose(clone(x).logits.numpy(), expected, atol=1e-6)
-    direct = TFCvtModel.from_config(TFCvtModel(config).get_config())
+    direct = TFCvtModel.from_config(TFCvtModel(config, data_format="channels_first").get_config())
     assert isinstance(direct, TFCvtModel) and direct.config == config and direct.data_format == "channels_first"
 
 
 def test_tf_function_returns_the_same_output_container():
     config = CvtConfig(**dict(TINY, qkv_projection_method=["avg", "dw_bn", "linear"]), num_labels=3)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     x = _nchw(np.random.default_rng(15), 2, 37, 29)
     labels = np.array([1, 2])
     eager = model(x, labels=labels, output_hidden_states=True, output_attentions=True)
@@ -557,14 +557,14 @@ def test_tf_function_returns_the_same_output_container():
     assert isinstance(plain, CvtImageClassifierOutput) and list(plain) == ["logits"]
     dynamic = tf.function(model, input_signature=[tf.TensorSpec([None, 3, None, None], tf.float32)])
     np.testing.assert_allclose(dynamic(x).logits.numpy(), eager.logits.numpy(), atol=1e-5)
-    bare = TFCvtModel(config)
+    bare = TFCvtModel(config, data_format="channels_first")
     out = tf.function(bare)(x)
     assert isinstance(out, CvtModelOutput) and out.cls_token_value.shape == (2, 1, 48)
 
 
 def test_keras_tree_and_predict_see_inside_the_outputs():
     config = CvtConfig(**TINY, num_labels=3)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     x = _nchw(np.random.default_rng(16), 4, 32, 32)
     out = model(x, output_hidden_states=True)
     leaves = keras.tree.flatten(out)
@@ -582,7 +582,7 @@ def test_loss_follows_transformers_rules_without_mutating_the_config():
     rng = np.random.default_rng(17)
     x = _nchw(rng, 3, 32, 32)
     config = CvtConfig(**TINY, num_labels=4)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     logits = model(x).logits.numpy()
     t_logits = torch.from_numpy(logits)
     labels = np.array([1, -100, 3])  # -100 is ignored, as torch's CrossEntropyLoss does
@@ -593,7 +593,7 @@ def test_loss_follows_transformers_rules_without_mutating_the_config():
     np.testing.assert_allclose(model(x, labels=multi).loss.numpy(), torch.nn.functional.binary_cross_entropy_with_logits(
         t_logits, torch.from_numpy(multi)).item(), rtol=1e-5)
     assert config.problem_type is None
-    regression = TFCvtForImageClassification(config.copy(problem_type="regression"))
+    regression = TFCvtForImageClassification(config.copy(problem_type="regression"), data_format="channels_first")
     regression_logits = regression(x).logits.numpy()
     targets = rng.standard_normal((3, 4)).astype(np.float32)
     np.testing.assert_allclose(regression(x, labels=targets).loss.numpy(), np.mean((regression_logits - targets) ** 2),

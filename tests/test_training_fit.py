@@ -35,7 +35,7 @@ def fit_function(framework: str):
 def build_small_model(framework: str):
     if framework == "torch":
         return CvtForImageClassification(small_config())
-    model = TFCvtForImageClassification(small_config())
+    model = TFCvtForImageClassification(small_config(), data_format="channels_first")
     model.build_with_dummy_input()
     return model
 

@@ -26,7 +26,7 @@ SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def keras_model(config, seed=0):
     keras.utils.set_random_seed(seed)
-    model = TFCvtForImageClassification(config)
+    model = TFCvtForImageClassification(config, data_format="channels_first")
     model.build_with_dummy_input()
     return model
 
@@ -204,7 +204,7 @@ def test_drop_path_schedule_is_per_layer_and_identical_in_both_frameworks():
     torch_rates = [[layer.drop_path.drop_prob for layer in stage.layers]
                    for stage in CvtForImageClassification(config).cvt.encoder.stages]
     keras_rates = [[block.drop_path.drop_prob for block in stage.blocks]
-                   for stage in TFCvtForImageClassification(config).cvt.encoder.stages]
+                   for stage in TFCvtForImageClassification(config, data_format="channels_first").cvt.encoder.stages]
     np.testing.assert_allclose(torch_rates[1] + torch_rates[2], expected[1] + expected[2], atol=1e-12)
     np.testing.assert_allclose(keras_rates[1] + keras_rates[2], expected[1] + expected[2], atol=1e-12)
     assert torch_rates[0] == keras_rates[0] == [0.0]
