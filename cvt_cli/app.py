@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "cross-check that both frameworks compute the same outputs; training and "
                                             "prediction in either framework.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser,
-                                metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1] for c in COMMANDS) + "}")
+                                metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1] for c in COMMANDS) + "}",
+                                help="the command to run; `cvt COMMAND --help` lists its arguments")
     for command in COMMANDS:
         command.register(sub)
     return parser

@@ -28,7 +28,10 @@ def register(subparsers) -> None:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint folder (config.json with id2label, weights, preprocessor_config.json)")
+                        help="classifier checkpoint folder: config.json (with id2label), weights (model.safetensors, "
+                             "pytorch_model.bin, tf_model.h5, model.keras or model.weights.h5) and "
+                             "preprocessor_config.json (without it: the released checkpoints' preprocessing at the "
+                             "config's image_size, with a note)")
     parser.add_argument("--framework", choices=FRAMEWORKS, default=None,
                         help="framework to run (default: torch when its weights and PyTorch are available)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="labels to show per image (default 5)")
