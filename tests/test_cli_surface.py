@@ -158,6 +158,15 @@ def test_predict_json_reports_a_missing_image_in_one_line_on_stderr_and_nothing_
     assert_one_line_error(code, out, err, missing, "no such image file")
 
 
+def test_predict_json_writes_a_non_finite_score_as_null_so_the_line_stays_json():
+    from cvt_cli.predict import _json_safe
+
+    result = {"image": "x.png", "predictions": [{"label": "a", "id": 0, "score": float("nan")},
+                                                {"label": "b", "id": 1, "score": 0.5}]}
+    line = json.dumps(_json_safe(result), allow_nan=False)
+    assert [p["score"] for p in json.loads(line)["predictions"]] == [None, 0.5]
+
+
 # ------------------------------------------------------------------------------------------ help texts
 def _texts(parser: argparse.ArgumentParser):
     """(where, text) of everything a command's --help shows in words: description, epilog and each help."""
