@@ -1,11 +1,12 @@
 """The `cvt` command (also `python -m cvt_cli`): the one parser and the one mapping from errors to exit codes.
 
+    cvt --version
     cvt convert SRC DST [--from ...] [--to torch|hf-tf|keras|all] [--config PRESET_OR_JSON] [--dtype ...] [--force]
     cvt verify DIR
     cvt export SRC DST [--format onnx|torch-export|saved-model|tflite|all] [--image-size H W] [--opset N] ...
     cvt demo [--preset cvt-13] [--out DIR]
     cvt train [--data DIR] [--framework torch|keras] ...
-    cvt predict IMAGE... --model DIR
+    cvt predict IMAGE... --model DIR [--top-k K] [--json]
     cvt attention IMAGE --model DIR [--out PNG] [--stage S ...] [--layer L]
 
 Each command is a module of this package with `register(subparsers)`, which sets `args.run(args) -> int`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from typing import List, Optional
@@ -32,6 +34,51 @@ from .data import DatasetError
 
 PROG = "cvt"
 COMMANDS = (convert, verify, export, demo, train, predict, attention)
+DISTRIBUTION = "cvt-dual"
+# The frameworks `cvt --version` reports, read from their installed metadata (none is imported)
+FRAMEWORK_DISTRIBUTIONS = ("torch", "tensorflow", "keras", "transformers")
+
+
+def _source_tree_version() -> Optional[str]:
+    """The version in the pyproject.toml beside the package, for a source tree that is not installed."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = project and re.search(r"^version\s*=\s*[\"']([^\"']+)[\"']", project.group(1), re.M)
+    return found.group(1) if found else None
+
+
+def version_text() -> str:
+    """What `cvt --version` prints: `cvt <version>`, then the installed frameworks' versions."""
+    from importlib import metadata
+
+    try:
+        own = metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        own = _source_tree_version() or "(unknown version: not installed and no pyproject.toml found)"
+    found = []
+    for name in FRAMEWORK_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    installed = ", ".join(found) if found else "none of " + ", ".join(FRAMEWORK_DISTRIBUTIONS)
+    return f"{PROG} {own}\ninstalled: {installed}"
+
+
+class _Version(argparse.Action):
+    """`--version`: print `version_text()` as it is (argparse's own action rewraps it) and exit 0."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "transformers TF, Keras 3 and the original microsoft/CvT format with a "
                                             "cross-check that both frameworks compute the same outputs; training and "
                                             "prediction in either framework.")
+    parser.add_argument("--version", action=_Version,
+                        help=f"print the version of {PROG} and of the frameworks installed beside it, and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser,
-                                metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1] for c in COMMANDS) + "}")
+                                metavar="{" + ",".join(c.__name__.rsplit(".", 1)[1] for c in COMMANDS) + "}",
+                                help="the command to run; `cvt COMMAND --help` lists its arguments")
     for command in COMMANDS:
         command.register(sub)
     return parser

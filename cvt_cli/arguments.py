@@ -2,6 +2,8 @@
 
 import argparse
 
+from conversion.crosscheck import DEFAULT_ATOL
+
 
 def _number(text: str, cast, kind: str):
     try:
@@ -43,6 +45,12 @@ def fraction(text: str) -> float:
     return value
 
 
+def _short(number: float) -> str:
+    """A tolerance as the help texts write it: 1e-5, 5e-2, 2.5e-3."""
+    mantissa, exponent = f"{number:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def quiet_options() -> argparse.ArgumentParser:
     """`--quiet`, for every command (a parent parser)."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -50,12 +58,18 @@ def quiet_options() -> argparse.ArgumentParser:
     return parent
 
 
-def check_options() -> argparse.ArgumentParser:
-    """`--atol` and `--image`, for the commands that cross-check (a parent parser)."""
+def check_options(dtype_option: bool = True) -> argparse.ArgumentParser:
+    """`--atol` and `--image`, for the commands that cross-check (a parent parser). `dtype_option`: the command has
+    `--dtype`, whose choice sets the default tolerance; without it the default is float32's."""
+    if dtype_option:
+        default = ", ".join(f"{_short(atol)} ({dtype})" if dtype == "float32" else f"{_short(atol)} (--dtype {dtype})"
+                            for dtype, atol in DEFAULT_ATOL.items())
+    else:
+        default = f"{_short(DEFAULT_ATOL['float32'])}, whatever dtype the weights are stored in"
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--atol", type=positive_float, default=None,
                         help="tolerance: each output passes when max|diff| <= ATOL * max(1, max|reference|); default "
-                             "1e-5 (float32), 1e-2 (--dtype float16), 5e-2 (--dtype bfloat16)")
+                             + default)
     parent.add_argument("--image", metavar="PATH", default=None,
                         help="run the check on this image (ImageNet preprocessing at the config's image_size) instead "
                              "of the seeded random batch")

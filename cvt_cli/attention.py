@@ -14,9 +14,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "attention", parents=[quiet_options()], help="draw a checkpoint's attention maps on an image",
         description="Write a PNG: the image as the model sees it (preprocessed as the checkpoint's "
-                    "preprocessor_config.json says) and, per chosen stage, one layer's attention averaged over heads "
-                    "and upsampled onto it: in a stage with a cls token the cls token's attention over the grid, "
-                    "elsewhere the mean attention each grid position receives.")
+                    "preprocessor_config.json says, else as the released checkpoints) and, per chosen stage, one "
+                    "layer's attention averaged over heads and upsampled onto it: in a stage with a cls token the "
+                    "cls token's attention over the grid, elsewhere the mean attention each grid position receives.")
     parser.add_argument("image", metavar="IMAGE", help="an image file")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="checkpoint folder (config.json and model.safetensors, pytorch_model.bin or tf_model.h5)")

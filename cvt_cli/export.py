@@ -17,8 +17,11 @@ def register(subparsers) -> None:
                     "batch is dynamic in all, height and width in all but TFLite. Every artifact is loaded in its "
                     "own runtime and run beside the source on seeded inputs (batches of 1 and 3, two image sizes "
                     "where dynamic); DST is written atomically and only when all of them match.")
-    parser.add_argument("src", metavar="SRC")
-    parser.add_argument("dst", metavar="DST")
+    parser.add_argument("src", metavar="SRC",
+                        help="a classifier checkpoint, as cvt convert reads it: a folder, one weights file or a model "
+                             "hub id such as microsoft/cvt-13")
+    parser.add_argument("dst", metavar="DST",
+                        help="the folder to write the artifacts into (created; an existing one only with --force)")
     parser.add_argument("--format", dest="formats", default="all",
                         metavar="{" + ",".join([*export.FORMATS, "all"]) + "}",
                         help="artifact format(s), comma-separated (default: all)")
@@ -31,7 +34,7 @@ def register(subparsers) -> None:
                         help="compute dtype inside the artifacts; input and logits stay float32 (bfloat16: "
                              "torch-export and saved-model only)")
     parser.add_argument("--from", dest="from_format", default="auto", choices=["auto", "hf", "hf-tf", "keras", "original"],
-                        help="source format (default: detected)")
+                        help="source format (default: auto, detected from the file names and contents)")
     parser.add_argument("--config", default=None, metavar="PRESET_OR_JSON",
                         help="config preset or config.json; required for original checkpoints and single weights "
                              "files without a config.json beside them")

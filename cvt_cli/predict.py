@@ -1,10 +1,21 @@
-"""`cvt predict IMAGE... --model DIR [--framework torch|keras] [--top-k K]`: the top-k labels of each image, from a
-checkpoint folder with a classifier, preprocessed as its preprocessor_config.json says."""
+"""`cvt predict IMAGE... --model DIR [--framework torch|keras] [--top-k K] [--json]`: the top-k labels of each image,
+from a checkpoint folder with a classifier, preprocessed as its preprocessor_config.json says.
+
+Plain output is for people: the folder, then each image with its ranked labels and probabilities. `--json` is for
+programs: stdout holds only JSON Lines, one object per image in the order given,
+
+    {"image": "cat.jpg", "predictions": [{"label": "tabby", "id": 281, "score": 0.93}, ...]}
+
+(the keys of transformers' image-classification pipeline, plus the class id); the notes go to stderr, and only
+when the command succeeds, so that an error is the one line there."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -20,7 +31,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "predict", help="classify images with a trained checkpoint",
         description="Print the top-k labels and probabilities of each image, preprocessed as the checkpoint's "
-                    "preprocessor_config.json says.")
+                    "preprocessor_config.json says. With --json, stdout holds one JSON object per image and line, "
+                    "{\"image\": ..., \"predictions\": [{\"label\": ..., \"id\": ..., \"score\": ...}, ...]}, and "
+                    "the notes go to stderr.")
     add_predict_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -28,16 +41,36 @@ def register(subparsers) -> None:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="checkpoint folder (config.json with id2label, weights, preprocessor_config.json)")
+                        help="classifier checkpoint folder: config.json (with id2label), weights (model.safetensors, "
+                             "pytorch_model.bin, tf_model.h5, model.keras or model.weights.h5) and "
+                             "preprocessor_config.json (without it: the released checkpoints' preprocessing at the "
+                             "config's image_size, with a note)")
     parser.add_argument("--framework", choices=FRAMEWORKS, default=None,
                         help="framework to run (default: torch when its weights and PyTorch are available)")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="labels to show per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                        help="labels to show per image, most probable first (default 5)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON Lines, one object per image, for programs (notes go to stderr)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
-    predict(args)
+    if args.json:
+        notes: List[str] = []  # held back until the end, so that an error stays the one line on stderr
+        results = predict(args, echo=notes.append, show=False)
+        for note in notes:
+            print(note, file=sys.stderr)
+        for result in results:
+            print(json.dumps(_json_safe(result)))
+    else:
+        predict(args)
     return 0
+
+
+def _json_safe(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A result with non-finite scores (a broken checkpoint's NaN logits) as null: JSON has no NaN."""
+    return {**result, "predictions": [{**entry, "score": entry["score"] if math.isfinite(entry["score"]) else None}
+                                      for entry in result["predictions"]]}
 
 
 def _load_for_prediction(directory: str, framework: Optional[str]):
@@ -135,8 +168,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def predict(args, echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """The work of `cvt predict`: for each image, its top-k (label, probability); printed and returned."""
+def predict(args, echo: Callable[[str], None] = print, show: bool = True) -> List[Dict[str, Any]]:
+    """The work of `cvt predict`: for each image `{"image": path, "predictions": [{"label", "id", "score"}, ...]}`,
+    the top-k most probable first, returned. `echo` receives the notes and, with `show`, the ranked table."""
     from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor, ImageLoadError
 
     directory = args.model
@@ -168,11 +202,12 @@ def predict(args, echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
     echo(f"{directory} ({framework}, {config.num_labels} classes)")
     for path, row in zip(args.images, probabilities):
         top = np.argsort(-row, kind="stable")[:k]
-        entries = [{"label": config.id2label.get(int(i), str(int(i))), "index": int(i), "probability": float(row[i])}
+        entries = [{"label": config.id2label.get(int(i), str(int(i))), "id": int(i), "score": float(row[i])}
                    for i in top]
-        results.append({"image": path, "top_k": entries})
-        echo(path)
-        for rank, entry in enumerate(entries, 1):
-            echo(f"  {rank}. {entry['label']:<{width}}  {entry['probability']:.4f}")
+        results.append({"image": path, "predictions": entries})
+        if show:
+            echo(path)
+            for rank, entry in enumerate(entries, 1):
+                echo(f"  {rank}. {entry['label']:<{width}}  {entry['score']:.4f}")
     return results
 

@@ -98,8 +98,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="bfloat16 mixed precision (torch.autocast / Keras mixed_bfloat16); weights stay float32")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (PyTorch only)")
     train.add_argument("--threads", type=non_negative_int, default=None,
-                       help="CPU threads per process (default: 1 for the small default model, which runs fastest "
-                            "single-threaded, else the framework's choice; 0 = the framework's choice)")
+                       help="CPU threads per process (default: 1 for models under 5 M parameters, such as the default "
+                            "one, which run fastest single-threaded, else the framework's choice; 0 = the framework's "
+                            "choice)")
 
     distributed = parser.add_argument_group("distributed")
     distributed.add_argument("--sync-batchnorm", action="store_true",
