@@ -1,6 +1,9 @@
-"""CvT for Keras 3 (TensorFlow backend): `TFCvtModel`, `TFCvtForImageClassification` and `TFCvtBackbone`.
+"""CvT for Keras 3, the Keras side of the project: `TFCvtModel`, `TFCvtForImageClassification` and `TFCvtBackbone`,
+on the TensorFlow, JAX and PyTorch backends.
 
-Importing this package selects the TensorFlow backend for Keras unless `KERAS_BACKEND` is already set.
+Importing this package selects the TensorFlow backend for Keras unless `KERAS_BACKEND` is already set; set it
+before Keras is first imported to run on another one (`KERAS_BACKEND=jax`, `KERAS_BACKEND=torch`). Under JAX and
+PyTorch TensorFlow need not be installed (see `cvt_tf.backend`).
 """
 
 import os

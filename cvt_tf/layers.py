@@ -4,26 +4,29 @@
   batch variance, as `torch.nn.BatchNorm2d` does (Keras uses the biased one), optionally synchronised across the
   replicas of a `tf.distribute` strategy as `torch.nn.SyncBatchNorm` is.
 - `GroupedDepthwiseConv2D`: a depthwise convolution that stores its kernel as `Conv2D(groups=C)` does,
-  (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs TensorFlow's fast
-  depthwise kernel instead of the much slower grouped convolution.
+  (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs the backend's depthwise
+  kernel (on TensorFlow much faster than its grouped convolution).
 - `CeilModeAveragePooling2D`: `torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True,
   count_include_pad=True)` for channels-last tensors.
 
-All layers work on channels-last (NHWC) tensors.
+All layers work on channels-last (NHWC) tensors, on every Keras backend (`keras.ops`); the replica all-reduce
+of `synchronized` BatchNorm and the pooling of images whose size is known only when the graph runs are
+TensorFlow's (`cvt_tf.backend.TF`). Under JAX, `keras.distribution` shards the batch of one program, whose batch
+statistics are already those of the global batch.
 """
 
 from __future__ import annotations
 
-import os
+import keras
+import numpy as np
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from cvt_core.shapes import avg_pool_ceil_extra_padding, avg_pool_ceil_window_counts
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
+from .backend import TF
 
-from cvt_core.shapes import avg_pool_ceil_extra_padding, avg_pool_ceil_window_counts  # noqa: E402
+if TF:
+    import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="cvt_tf")
@@ -37,7 +40,8 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
     a `tf.distribute` strategy (MirroredStrategy, MultiWorkerMirroredStrategy), as `torch.nn.SyncBatchNorm` does:
     the replicas all-reduce their sums (a two-pass mean and variance) and the counts, gradients flow through the
     all-reduce, and every replica applies the same moving-statistics update. Outside a multi-replica strategy it
-    changes nothing. Masks and renorm are not supported.
+    changes nothing (under JAX's `keras.distribution.DataParallel` the statistics are the global batch's anyway).
+    Masks and renorm are not supported.
     """
 
     def __init__(self, momentum: float = 0.9, epsilon: float = 1e-5, **kwargs):
@@ -50,7 +54,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         batch when synchronized across the replicas of a strategy."""
         shape = ops.shape(inputs)
         count = ops.cast(ops.prod(ops.stack([shape[a] for a in reduction_axes])), dtype)
-        context = tf.distribute.get_replica_context()
+        context = tf.distribute.get_replica_context() if TF else None
         if not (self.synchronized and context is not None and context.num_replicas_in_sync > 1):
             mean, variance = ops.moments(inputs, axes=reduction_axes, synchronized=False)
             return mean, variance, count
@@ -129,14 +133,18 @@ class CeilModeAveragePooling2D(keras.layers.Layer):
     def call(self, inputs):
         k, s, p = self.pool_size, self.strides, self.padding
         height, width = inputs.shape[1], inputs.shape[2]
-        if height is not None and width is not None:
-            extra_h = avg_pool_ceil_extra_padding(height, k, s, p)
-            extra_w = avg_pool_ceil_extra_padding(width, k, s, p)
-            padded = tf.pad(inputs, [[0, 0], [p, p + extra_h], [p, p + extra_w], [0, 0]])
-            averaged = tf.nn.avg_pool2d(padded, k, s, "VALID")
-            counts = np.outer(avg_pool_ceil_window_counts(height, k, s, p), avg_pool_ceil_window_counts(width, k, s, p))
-            rescale = (k * k) / counts.astype(np.float64)
-            return averaged * tf.constant(rescale[None, :, :, None], dtype=averaged.dtype)
+        if height is None or width is None:  # only TensorFlow graphs leave sizes unknown until they run
+            return self._dynamic_call(inputs)
+        extra_h = avg_pool_ceil_extra_padding(height, k, s, p)
+        extra_w = avg_pool_ceil_extra_padding(width, k, s, p)
+        padded = ops.pad(inputs, [[0, 0], [p, p + extra_h], [p, p + extra_w], [0, 0]])
+        averaged = ops.average_pool(padded, k, s, "valid", data_format="channels_last")
+        counts = np.outer(avg_pool_ceil_window_counts(height, k, s, p), avg_pool_ceil_window_counts(width, k, s, p))
+        rescale = (k * k) / counts.astype(np.float64)
+        return averaged * ops.convert_to_tensor(rescale[None, :, :, None], dtype=averaged.dtype)
+
+    def _dynamic_call(self, inputs):
+        k, s, p = self.pool_size, self.strides, self.padding
         dynamic = tf.shape(inputs)
         extra_h = self._dynamic_extra_padding(dynamic[1])
         extra_w = self._dynamic_extra_padding(dynamic[2])
@@ -145,13 +153,6 @@ class CeilModeAveragePooling2D(keras.layers.Layer):
         padded = tf.pad(tf.pad(inputs, paddings), ceil_paddings)
         inside = tf.pad(tf.pad(tf.ones_like(inputs[..., :1]), paddings, constant_values=1.0), ceil_paddings)
         return tf.nn.avg_pool2d(padded, k, s, "VALID") / tf.nn.avg_pool2d(inside, k, s, "VALID")
-
-    def _dynamic_extra_padding(self, size):
-        # tensor version of cvt_core.shapes.avg_pool_ceil_extra_padding
-        k, s, p = self.pool_size, self.strides, self.padding
-        out = -((-(size + 2 * p - k)) // s) + 1
-        out = tf.where((out - 1) * s >= size + p, out - 1, out)
-        return tf.maximum(0, (out - 1) * s + k - (size + 2 * p))
 
     def compute_output_shape(self, input_shape):
         from cvt_core.shapes import avg_pool_ceil_output_size

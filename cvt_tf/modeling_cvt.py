@@ -1,4 +1,5 @@
-"""CvT in Keras 3 (TensorFlow backend), layer for layer the structure of the PyTorch model in `cvt_torch`.
+"""CvT in Keras 3, layer for layer the structure of the PyTorch model in `cvt_torch`, on the TensorFlow, JAX and
+PyTorch backends (`KERAS_BACKEND`, see `cvt_tf.backend`).
 
 Keras layer names are transformers' TF layer names, so every variable path below the model is
 `WeightEntry.keras_path()` of `cvt_core.weights`. The numbers equal transformers 4.57.6 in inference; the
@@ -19,7 +20,12 @@ Keras weight files load strictly: `load_weights` and `keras.models.load_model` r
 that does not hold exactly the model's variables with their shapes (`KerasWeightsMismatchError`, a
 `cvt_core.WeightLoadError`, listing what is missing, unexpected and mis-shaped), where Keras alone skips them.
 
-Speed (CPU). The default path is the fast one; nothing needs switching on:
+Backends. The layers are `keras.ops`, so the same model, weights and files (`.keras`, `model.weights.h5`,
+`tf_model.h5`, safetensors) serve every backend, with the same variable paths. Under JAX and PyTorch TensorFlow is
+not imported; what only TensorFlow has (SavedModel/LiteRT `export`, `tf.distribute` strategies) says so. On JAX,
+`fit`/`predict` compile with XLA (Keras' default there), and `keras.distribution.DataParallel` shards the batch.
+
+Speed (CPU, TensorFlow backend; `cvt_tf.backend.TF` guards each of these). The default path is the fast one:
 - every Dense runs as one 2-D MatMul + BiasAdd (+ exact GELU in the MLP), which TensorFlow fuses into a single oneDNN
   kernel; LayerNorm takes fewer element-wise passes; the attention scale is folded into the query projection;
 - in inference the `dw_bn` BatchNorm is folded into the depthwise kernel plus a bias, computed inside the graph
@@ -30,8 +36,8 @@ Speed (CPU). The default path is the fast one; nothing needs switching on:
 The fastest calls for a batch are `model.predict_on_batch(x)` (logits, float32) and `model(x)`; `predict` for
 datasets. `keras.mixed_precision.set_global_policy("mixed_bfloat16")` before building the model runs the matmuls and
 convolutions in bfloat16 (much faster on CPUs with AVX512-BF16/AMX), with float32 weights, statistics and logits.
-XLA (`jit_compile=True`) is slower than TensorFlow's oneDNN kernels on CPU (about 3x for this model) and is left
-off there, as Keras' `jit_compile="auto"` does.
+On TensorFlow, XLA (`jit_compile=True`) is slower than its oneDNN kernels on CPU (about 3x for this model) and is
+left off there, as Keras' `jit_compile="auto"` does; on JAX XLA is the compiler and always on.
 """
 
 from __future__ import annotations
@@ -42,27 +48,28 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import h5py
+import keras
+import numpy as np
+from keras import ops
+from keras.src.saving import saving_lib  # (Keras' own saving walk and stores)
 
-import h5py  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
-from keras.src.saving import saving_lib  # noqa: E402  (Keras' own saving walk and stores)
-
-from cvt_core.atomic import atomic_write  # noqa: E402
-from cvt_core.checkpoint import read_pretrained, save_pretrained_folder  # noqa: E402
-from cvt_core.config import CvtConfig, preset_key  # noqa: E402
-from cvt_core.hub import resolve_pretrained, split_hub_options  # noqa: E402
-from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names  # noqa: E402
-from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput  # noqa: E402
-from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,  # noqa: E402
+from cvt_core.atomic import atomic_write
+from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
+from cvt_core.config import CvtConfig, preset_key
+from cvt_core.hub import resolve_pretrained, split_hub_options
+from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names
+from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
+from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,
                              minimum_input_size)
-from cvt_core.training import announce_inferred_problem_type  # noqa: E402
-from cvt_core.weights import WeightLoadError, weight_table  # noqa: E402
+from cvt_core.training import announce_inferred_problem_type
+from cvt_core.weights import WeightLoadError, weight_table
 
-from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization  # noqa: E402
+from .backend import BACKEND, JAX, TF, tensorflow
+from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization
+
+if TF:
+    import tensorflow as tf
 
 DATA_FORMATS = ("channels_first", "channels_last")
 LAYER_NORM_EPSILON = 1e-5  # every LayerNorm of CvT, whatever config.layer_norm_eps says
@@ -83,24 +90,32 @@ def _dense(config: CvtConfig, units: int, name: str, use_bias: bool = True) -> k
 
 
 def _shape_list(tensor) -> List[Any]:
-    """Static sizes where known, scalar tensors where not."""
-    static = tensor.shape.as_list()
-    dynamic = tf.shape(tensor)
-    return [dynamic[i] if size is None else size for i, size in enumerate(static)]
+    """Static sizes where known, scalar tensors where not (only TensorFlow graphs leave sizes unknown)."""
+    return list(ops.shape(tensor))
+
+
+def _is_float32(tensor) -> bool:
+    return keras.backend.standardize_dtype(tensor.dtype) == "float32"
 
 
 def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = None, scale: Optional[float] = None):
-    """`dense(tokens)` computed as one 2-D MatMul + BiasAdd (+ exact GELU) from the layer's own variables.
+    """`dense(tokens)` from the layer's own variables; `scale` multiplies the output, folded into the kernel and
+    bias (a (C_in, C_out) product instead of one over every token). The variables stay the only weights.
 
-    TensorFlow's graph optimiser fuses that pattern into a single oneDNN kernel (`_FusedMatMul`), which Keras'
-    `Dense` (a tensordot followed by an add) never gets. `scale` multiplies the output, folded into the kernel and
-    bias in-graph (a (C_in, C_out) product instead of one over every token). The variables stay the only weights.
+    On TensorFlow it runs as one 2-D MatMul + BiasAdd (+ exact GELU), which TensorFlow's graph optimiser fuses into
+    a single oneDNN kernel (`_FusedMatMul`) that Keras' `Dense` (a tensordot followed by an add) never gets. XLA
+    (JAX) fuses the plain matmul and add itself.
     """
     kernel = ops.cast(dense.kernel, tokens.dtype)
     bias = ops.cast(dense.bias, tokens.dtype) if dense.use_bias else None
     if scale is not None:
         kernel = kernel * scale
         bias = None if bias is None else bias * scale
+    if not TF:
+        outputs = ops.matmul(tokens, kernel)
+        if bias is not None:
+            outputs = outputs + bias
+        return outputs if activation is None else _activation(activation)(outputs)
     shape = _shape_list(tokens)
     outputs = tf.matmul(tf.reshape(tokens, (-1, shape[-1])), kernel)
     if bias is not None:
@@ -113,7 +128,11 @@ def _apply_dense(dense: keras.layers.Dense, tokens, activation: Optional[str] = 
 def _grid_to_tokens(grid):
     """(B, H, W, C) -> (B, H*W, C)."""
     batch, height, width, channels = _shape_list(grid)
-    return tf.reshape(grid, (batch, height * width, channels))
+    return ops.reshape(grid, (batch, height * width, channels))
+
+
+def _squared_difference(a, b):
+    return tf.math.squared_difference(a, b) if TF else ops.square(a - b)  # TensorFlow: one kernel, no temporary
 
 
 def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
@@ -122,16 +141,16 @@ def _apply_layer_norm(norm: keras.layers.LayerNormalization, tokens):
     per-channel scale and shift. Full-size temporaries are what cost here (measured: folding gamma into the per-row
     factor first makes every factor full-size and is ~10% slower). Same variables."""
     dtype = tokens.dtype
-    values = tokens if dtype == tf.float32 else tf.cast(tokens, tf.float32)
-    mean = tf.reduce_mean(values, axis=-1, keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(values, mean), axis=-1, keepdims=True)
-    inverse = tf.math.rsqrt(variance + norm.epsilon)
+    values = tokens if _is_float32(tokens) else ops.cast(tokens, "float32")
+    mean = ops.mean(values, axis=-1, keepdims=True)
+    variance = ops.mean(_squared_difference(values, mean), axis=-1, keepdims=True)
+    inverse = ops.rsqrt(variance + norm.epsilon)
     outputs = values * inverse - mean * inverse
     if norm.scale:
-        outputs = outputs * ops.cast(norm.gamma, tf.float32)
+        outputs = outputs * ops.cast(norm.gamma, "float32")
     if norm.center:
-        outputs = outputs + ops.cast(norm.beta, tf.float32)
-    return outputs if dtype == tf.float32 else tf.cast(outputs, dtype)
+        outputs = outputs + ops.cast(norm.beta, "float32")
+    return outputs if _is_float32(tokens) else ops.cast(outputs, dtype)
 
 
 def _activation(name: str):
@@ -170,29 +189,32 @@ def unpack_inputs(pixel_values, **arguments) -> Dict[str, Any]:
 
 def validate_pixel_values(config: CvtConfig, pixel_values, data_format: str) -> None:
     """Refuse non-float dtypes (TypeError) and wrong rank, channels or too small images (ValueError)."""
-    dtype = tf.as_dtype(pixel_values.dtype)
-    if not dtype.is_floating:
+    dtype = keras.backend.standardize_dtype(pixel_values.dtype)
+    if not dtype.startswith(("float", "bfloat")):
         raise TypeError(
             f"pixel_values must be a floating-point tensor (float32, float16, bfloat16 or float64), got dtype "
-            f"{dtype.name}: convert and normalise the images first (e.g. x.astype('float32') / 255, then the "
+            f"{dtype}: convert and normalise the images first (e.g. x.astype('float32') / 255, then the "
             f"checkpoint's mean/std)")
     shape = pixel_values.shape
-    if shape.rank is None:
-        return
-    check_pixel_values_shape(config, shape.as_list(), channels_last=data_format == "channels_last")
+    if TF and not isinstance(shape, tuple):  # a tf.TensorShape, whose rank may be unknown in a graph
+        if shape.rank is None:
+            return
+        shape = shape.as_list()
+    check_pixel_values_shape(config, list(shape), channels_last=data_format == "channels_last")
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 def _register_outputs_with_keras_tree() -> None:
     """Make the output containers nodes of `keras.tree` (optree), not leaves, so Keras' `predict`, `fit` and
-    structure utilities see the tensors inside. Registered in Keras' optree namespace only."""
+    structure utilities see the tensors inside. Registered in Keras' optree namespace only; under JAX also as JAX
+    pytrees, which is what lets them cross `jax.jit` and `jax.grad` (Keras' compiled train and predict steps)."""
     import optree
 
     def flatten(output):
         keys = tuple(output.keys())
         return tuple(output[k] for k in keys), keys, keys
 
-    for output_type in (CvtModelOutput, CvtImageClassifierOutput):
+    for output_type in (CvtModelOutput, CvtImageClassifierOutput, CvtBackboneOutput):
         def unflatten(keys, children, output_type=output_type):
             return output_type(**dict(zip(keys, children)))
 
@@ -200,6 +222,14 @@ def _register_outputs_with_keras_tree() -> None:
             optree.register_pytree_node(output_type, flatten, unflatten, namespace="keras")
         except ValueError:
             pass  # already registered (module re-imported)
+        if JAX:
+            import jax
+
+            try:
+                jax.tree_util.register_pytree_node(
+                    output_type, lambda output: flatten(output)[:2], unflatten)
+            except ValueError:
+                pass
 
 
 _register_outputs_with_keras_tree()
@@ -219,7 +249,7 @@ class TFCvtDropPath(keras.layers.Layer):
         if not training or self.drop_prob == 0.0:
             return branch
         keep = 1.0 - self.drop_prob
-        mask_shape = [tf.shape(branch)[0]] + [1] * (len(branch.shape) - 1)
+        mask_shape = [ops.shape(branch)[0]] + [1] * (len(branch.shape) - 1)
         uniform = keras.random.uniform(mask_shape, dtype=branch.dtype, seed=self.seed_generator)
         return branch / keep * ops.floor(keep + uniform)
 
@@ -263,9 +293,9 @@ class TFCvtEmbeddings(keras.layers.Layer):
     def call(self, pixel_values, cls_token=None, training=False):
         grid = self.convolution_embeddings(pixel_values)
         batch, height, width, channels = _shape_list(grid)
-        tokens = tf.reshape(grid, (batch, height * width, channels))
+        tokens = ops.reshape(grid, (batch, height * width, channels))
         if cls_token is not None:
-            tokens = tf.concat([tf.tile(ops.cast(cls_token, tokens.dtype), [batch, 1, 1]), tokens], axis=1)
+            tokens = ops.concatenate([ops.tile(ops.cast(cls_token, tokens.dtype), [batch, 1, 1]), tokens], axis=1)
         return self.dropout(tokens, training=training), height, width
 
 
@@ -292,12 +322,18 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
             return normalization(convolution(self.padding(hidden_state)), training=training)
         kernel, shift = self.folded_weight_and_bias()
         dtype = hidden_state.dtype
+        kernel, shift = ops.cast(kernel, dtype), ops.cast(shift, dtype)
+        if not TF:
+            outputs = ops.depthwise_conv(self.padding(hidden_state), kernel, strides=convolution.strides,
+                                         padding="valid", dilation_rate=convolution.dilation_rate,
+                                         data_format="channels_last")
+            return outputs + shift
         stride_h, stride_w = convolution.strides
         # (explicit padding inside the convolution crashes grappler's shape inference: pad first)
         outputs = tf.nn.depthwise_conv2d(
-            self.padding(hidden_state), ops.cast(kernel, dtype), strides=(1, stride_h, stride_w, 1),
-            padding="VALID", dilations=convolution.dilation_rate)
-        return tf.nn.bias_add(outputs, ops.cast(shift, dtype))
+            self.padding(hidden_state), kernel, strides=(1, stride_h, stride_w, 1), padding="VALID",
+            dilations=convolution.dilation_rate)
+        return tf.nn.bias_add(outputs, shift)
 
     def folded_weight_and_bias(self):
         """Inference: the BatchNorm folded into the depthwise kernel, (kernel (kh, kw, C, 1), bias (C,)) in float32,
@@ -305,14 +341,14 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
         normalization, convolution = self.normalization, self.convolution
         variance = ops.cast(normalization.moving_variance, "float32")
         mean = ops.cast(normalization.moving_mean, "float32")
-        scale = tf.math.rsqrt(variance + normalization.epsilon)
+        scale = ops.rsqrt(variance + normalization.epsilon)
         if normalization.scale:
             scale = scale * ops.cast(normalization.gamma, "float32")
         shift = -mean * scale
         if normalization.center:
             shift = shift + ops.cast(normalization.beta, "float32")
         kh, kw = convolution.kernel_size
-        kernel = tf.reshape(ops.cast(convolution.kernel, "float32") * scale, (kh, kw, self.embed_dim, 1))
+        kernel = ops.reshape(ops.cast(convolution.kernel, "float32") * scale, (kh, kw, self.embed_dim, 1))
         return kernel, shift
 
 
@@ -341,6 +377,11 @@ class TFCvtSelfAttentionProjection(keras.layers.Layer):
 
     def call(self, hidden_state, training=False):
         return _grid_to_tokens(self.convolution_projection(hidden_state, training=training))
+
+
+def _scores(query, key):
+    """query @ key^T over the last two axes (TensorFlow: one MatMul with transpose_b, no transposed copy)."""
+    return tf.matmul(query, key, transpose_b=True) if TF else ops.matmul(query, ops.swapaxes(key, -1, -2))
 
 
 class TFCvtSelfAttention(keras.layers.Layer):
@@ -380,36 +421,34 @@ class TFCvtSelfAttention(keras.layers.Layer):
 
     def _split_heads(self, tokens):
         batch, length, _ = _shape_list(tokens)
-        tokens = tf.reshape(tokens, (batch, length, self.num_heads, self.head_dim))
-        return tf.transpose(tokens, (0, 2, 1, 3))
+        tokens = ops.reshape(tokens, (batch, length, self.num_heads, self.head_dim))
+        return ops.transpose(tokens, (0, 2, 1, 3))
 
     def call(self, hidden_state, height, width, training=False):
         if self.with_cls_token:
             cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
         batch, _, channels = _shape_list(hidden_state)
-        grid = tf.reshape(hidden_state, (batch, height, width, channels))
+        grid = ops.reshape(hidden_state, (batch, height, width, channels))
         query = self.convolution_projection_query(grid, training=training)
         key = self.convolution_projection_key(grid, training=training)
         value = self.convolution_projection_value(grid, training=training)
         if self.with_cls_token:
-            query = tf.concat([cls_token, query], axis=1)
-            key = tf.concat([cls_token, key], axis=1)
-            value = tf.concat([cls_token, value], axis=1)
+            query = ops.concatenate([cls_token, query], axis=1)
+            key = ops.concatenate([cls_token, key], axis=1)
+            value = ops.concatenate([cls_token, value], axis=1)
         # the score scale is folded into the query projection's kernel and bias
         query = _apply_dense(self.projection_query, query, scale=self.scale)
         key = _apply_dense(self.projection_key, key)
         value = _apply_dense(self.projection_value, value)
         if self.num_heads == 1:  # no head axis to move
-            scores = tf.matmul(query, key, transpose_b=True)
-            attention_probs = tf.nn.softmax(scores, axis=-1)
-            context = tf.matmul(self.dropout(attention_probs, training=training), value)
+            attention_probs = ops.softmax(_scores(query, key), axis=-1)
+            context = ops.matmul(self.dropout(attention_probs, training=training), value)
             return context, attention_probs[:, None]
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
-        scores = tf.matmul(query, key, transpose_b=True)
-        attention_probs = tf.nn.softmax(scores, axis=-1)
-        context = tf.matmul(self.dropout(attention_probs, training=training), value)
-        context = tf.transpose(context, (0, 2, 1, 3))
-        context = tf.reshape(context, (batch, -1, self.embed_dim))
+        attention_probs = ops.softmax(_scores(query, key), axis=-1)
+        context = ops.matmul(self.dropout(attention_probs, training=training), value)
+        context = ops.transpose(context, (0, 2, 1, 3))
+        context = ops.reshape(context, (batch, ops.shape(context)[1], self.embed_dim))
         return context, attention_probs
 
 
@@ -544,7 +583,7 @@ class TFCvtStage(keras.layers.Layer):
         cls_token = None
         if self.cls_token is not None:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        grid = tf.reshape(tokens, (tf.shape(tokens)[0], height, width, self.embed_dim))
+        grid = ops.reshape(tokens, (ops.shape(tokens)[0], height, width, self.embed_dim))
         return grid, cls_token, tuple(attentions)
 
 
@@ -589,7 +628,10 @@ class _EmptyBatchGuard:
 
 
 def _empty_batch_guard(images) -> Optional[_EmptyBatchGuard]:
-    """None when the batch is known to be non-empty (always in eager execution), else the guard."""
+    """None when the batch is known to be non-empty (always in eager execution), else the guard. TensorFlow only:
+    JAX's and PyTorch's convolutions take an empty batch."""
+    if not TF:
+        return None
     size = images.shape[0]
     return None if size is not None and size > 0 else _EmptyBatchGuard(images)
 
@@ -625,22 +667,22 @@ class TFCvtMainLayer(keras.layers.Layer):
         return function(hidden_state)
 
     def _to_output_layout(self, grid):
-        return tf.transpose(grid, (0, 3, 1, 2)) if self.data_format == "channels_first" else grid
+        return ops.transpose(grid, (0, 3, 1, 2)) if self.data_format == "channels_first" else grid
 
     def call(self, pixel_values, output_hidden_states=False, output_attentions=False, training=False):
         validate_pixel_values(self.config, pixel_values, self.data_format)
         hidden_state = pixel_values
         if self.data_format == "channels_first":
-            hidden_state = tf.transpose(hidden_state, (0, 2, 3, 1))
+            hidden_state = ops.transpose(hidden_state, (0, 2, 3, 1))
         batch = None if training else _empty_batch_guard(hidden_state)
         if batch is not None:
             hidden_state = batch.input
-        if training or not tf.executing_eagerly() or tf.distribute.has_strategy() or not self.built:
+        if (not TF or training or not tf.executing_eagerly() or tf.distribute.has_strategy() or not self.built):
             outputs = self.encoder(hidden_state, training=training)
         else:
             outputs = self._graph_encoder(tf.convert_to_tensor(hidden_state))
         if batch is not None:
-            outputs = tf.nest.map_structure(batch.restore, outputs)
+            outputs = keras.tree.map_structure(batch.restore, outputs)
         last, cls_token, hidden_states, attentions = outputs
         return CvtModelOutput(
             last_hidden_state=self._to_output_layout(last),
@@ -840,35 +882,37 @@ class TFCvtPreTrainedModel(keras.Model):
     # Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585): it reduces
     # the first distributed batch with `strategy.reduce`, which that strategy cannot apply to a nested structure,
     # and it averages each step's scalar metrics with `strategy.reduce("MEAN", value, axis=0)`, which needs an
-    # axis. The two methods below work around both, for this strategy only.
-    def _in_multi_worker_strategy(self) -> bool:
-        return isinstance(getattr(self, "_distribute_strategy", None), tf.distribute.MultiWorkerMirroredStrategy)
+    # axis. The methods below work around both, for this strategy only.
+    # (TensorFlow only: the other backends have no tf.distribute strategies, and their steps other signatures)
+    if TF:
+        def _in_multi_worker_strategy(self) -> bool:
+            return isinstance(getattr(self, "_distribute_strategy", None), tf.distribute.MultiWorkerMirroredStrategy)
 
-    def _step_logs(self, logs):
-        if not self._in_multi_worker_strategy():
-            return logs
-        return keras.tree.map_structure(
-            lambda value: tf.reshape(value, [1]) if tf.is_tensor(value) and value.shape.rank == 0 else value, logs)
+        def _step_logs(self, logs):
+            if not self._in_multi_worker_strategy():
+                return logs
+            return keras.tree.map_structure(
+                lambda value: tf.reshape(value, [1]) if tf.is_tensor(value) and value.shape.rank == 0 else value, logs)
 
-    def train_step(self, data):
-        return self._step_logs(super().train_step(data))
+        def train_step(self, data):
+            return self._step_logs(super().train_step(data))
 
-    def test_step(self, data):
-        return self._step_logs(super().test_step(data))
+        def test_step(self, data):
+            return self._step_logs(super().test_step(data))
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # The build only needs shapes: take this worker's first replica's batch instead of reducing it.
-        strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is None or not self._in_multi_worker_strategy():
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
-            data_batch = keras.tree.map_structure(
-                lambda value: (strategy.experimental_local_results(value)[0]
-                               if isinstance(value, tf.distribute.DistributedValues) else value),
-                next(batches))
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            # The build only needs shapes: take this worker's first replica's batch instead of reducing it.
+            strategy = getattr(self, "_distribute_strategy", None)
+            if iterator is None or not self._in_multi_worker_strategy():
+                return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda value: (strategy.experimental_local_results(value)[0]
+                                   if isinstance(value, tf.distribute.DistributedValues) else value),
+                    next(batches))
+                break
+            with strategy.scope():
+                self._symbolic_build(data_batch=data_batch)
 
     def predict(self, x, *args, **kwargs):
         """Keras' `predict`; an empty array (or input dict) gives empty outputs, where Keras' loop has no batch to
@@ -891,8 +935,8 @@ class TFCvtPreTrainedModel(keras.Model):
         """What the exported artifacts return: the output container's tensors by name, floating ones in float32
         whatever the dtype policy (under `mixed_bfloat16` the model computes in bfloat16 inside)."""
         outputs = self(pixel_values, training=False, return_dict=True)
-        return {name: tf.cast(value, tf.float32) if value.dtype.is_floating else value
-                for name, value in outputs.items() if tf.is_tensor(value)}
+        return {name: ops.cast(value, "float32") if _is_floating(value) else value
+                for name, value in outputs.items() if ops.is_tensor(value)}
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Keras' `export`. Without `input_signature` the artifact takes `pixel_values` float32 with a dynamic batch,
@@ -909,6 +953,7 @@ class TFCvtPreTrainedModel(keras.Model):
             input_signature = self.serving_input_signature(*sizes)
         if format not in ("tf_saved_model", "litert") or kwargs:
             return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        tf = tensorflow(f"export(format={format!r})")
         spec, = input_signature
         spec = tf.TensorSpec(tuple(spec.shape), spec.dtype or tf.float32, name=spec.name or "pixel_values")
         if format == "tf_saved_model":
@@ -921,6 +966,7 @@ class TFCvtPreTrainedModel(keras.Model):
     def _export_saved_model(self, filepath: str, spec) -> None:
         """A SavedModel whose `serve` (signature `serving_default`) is `serving_outputs`. Written from a tf.Module
         holding the model: Keras' ExportArchive (3.15) stores every variable twice, once per wrapper."""
+        tf = tensorflow("a SavedModel export")
         serving = tf.Module(name="cvt_serving")
         serving.model = self
         serving.serve = tf.function(self.serving_outputs, input_signature=[spec])
@@ -930,6 +976,7 @@ class TFCvtPreTrainedModel(keras.Model):
         """A `.tflite` file of `serving_outputs` with the variables frozen into constants: Keras' own LiteRT export
         keeps them as variables, so its convolutions (whose kernels fold the BatchNorm at run time) need TensorFlow's
         select ops, which the plain interpreter lacks."""
+        tf = tensorflow("a LiteRT export")
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
         concrete = tf.function(self.serving_outputs).get_concrete_function(spec)
@@ -1047,7 +1094,7 @@ class TFCvtPreTrainedModel(keras.Model):
         for entry in weight_table(self.config, self.with_head):
             name = entry.torch_name(self.with_head)
             if entry.has_keras_twin:
-                tensors[name] = np.ascontiguousarray(entry.from_keras(np.asarray(weights[name].numpy())))
+                tensors[name] = np.ascontiguousarray(entry.from_keras(ops.convert_to_numpy(weights[name])))
             else:
                 tensors[name] = np.zeros(entry.shape, np.int64)
         return save_pretrained_folder(directory, self.config, self.with_head, self.architecture, tensors,
@@ -1097,6 +1144,10 @@ class TFCvtPreTrainedModel(keras.Model):
                       for v in (layer.moving_mean, layer.moving_variance)}
         variables = self.trainable_weights if only_trainable else self.weights
         return int(sum(np.prod(v.shape) for v in variables if id(v) not in statistics))
+
+
+def _is_floating(tensor) -> bool:
+    return keras.backend.standardize_dtype(tensor.dtype).startswith(("float", "bfloat"))
 
 
 def _child_layer(layer: keras.layers.Layer, name: str) -> keras.layers.Layer:
@@ -1230,7 +1281,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
 
     def forward_head(self, features, pre_logits: bool = False):
         """Mean over the tokens of `forward_features`' output, then the classifier (skipped with `pre_logits`)."""
-        pooled = tf.reduce_mean(features, axis=1)
+        pooled = ops.mean(features, axis=1)
         return pooled if pre_logits else self.classifier(pooled)
 
     def _normalised_tokens(self, outputs: CvtModelOutput):
@@ -1238,7 +1289,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             return _apply_layer_norm(self.layernorm, outputs.cls_token_value)
         grid = outputs.last_hidden_state
         if self.data_format == "channels_first":
-            grid = tf.transpose(grid, (0, 2, 3, 1))
+            grid = ops.transpose(grid, (0, 2, 3, 1))
         return _apply_layer_norm(self.layernorm, _grid_to_tokens(grid))
 
     def problem_type_for(self, labels) -> str:
@@ -1249,7 +1300,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             return self.config.problem_type
         if self.config.num_labels == 1:
             problem_type = "regression"
-        elif tf.as_dtype(labels.dtype).is_integer:
+        elif "int" in keras.backend.standardize_dtype(labels.dtype):
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
@@ -1266,40 +1317,43 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         so `compile(loss=...)` and the model's own loss weigh samples alike."""
         if self.config.num_labels == 0:
             raise ValueError("num_labels is 0 (identity head): there are no logits to compute a loss from")
-        labels = tf.convert_to_tensor(labels)
-        logits = tf.cast(logits, tf.float32)
+        labels = ops.convert_to_tensor(labels)
+        logits = ops.cast(logits, "float32")
         problem_type = self.problem_type_for(labels)
         if problem_type == "regression":
-            labels = tf.cast(labels, logits.dtype)
+            labels = ops.cast(labels, logits.dtype)
             if self.config.num_labels == 1:
-                per_sample = tf.square(tf.reshape(logits, [-1]) - tf.reshape(labels, [-1]))
+                per_sample = ops.square(ops.reshape(logits, [-1]) - ops.reshape(labels, [-1]))
             else:
-                per_sample = tf.reduce_mean(tf.square(logits - labels), axis=-1)
-            valid = tf.ones_like(per_sample)
+                per_sample = ops.mean(ops.square(logits - labels), axis=-1)
+            valid = ops.ones_like(per_sample)
         elif problem_type == "single_label_classification":
-            labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
-            logits = tf.reshape(logits, (-1, self.config.num_labels))
-            valid = tf.not_equal(labels, -100)  # torch CrossEntropyLoss's default ignore_index
+            labels = ops.reshape(ops.cast(labels, "int32"), [-1])
+            logits = ops.reshape(logits, (-1, self.config.num_labels))
+            valid = ops.not_equal(labels, -100)  # torch CrossEntropyLoss's default ignore_index
             labels = self._checked_class_indices(labels, valid)
-            per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.where(valid, labels, tf.zeros_like(labels)), logits=logits)
-            valid = tf.cast(valid, per_sample.dtype)
+            per_sample = ops.sparse_categorical_crossentropy(
+                ops.where(valid, labels, ops.zeros_like(labels)), logits, from_logits=True)
+            valid = ops.cast(valid, per_sample.dtype)
         else:
-            labels = tf.cast(labels, logits.dtype)
-            per_sample = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1)
-            valid = tf.ones_like(per_sample)
-        count = tf.reduce_sum(valid)
+            labels = ops.cast(labels, logits.dtype)
+            per_sample = ops.mean(ops.binary_crossentropy(labels, logits, from_logits=True), axis=-1)
+            valid = ops.ones_like(per_sample)
+        count = ops.sum(valid)
         if sample_weight is not None:
-            valid = valid * tf.reshape(tf.cast(sample_weight, per_sample.dtype), [-1])
-        return tf.math.divide_no_nan(tf.reduce_sum(per_sample * valid), count)
+            valid = valid * ops.reshape(ops.cast(sample_weight, per_sample.dtype), [-1])
+        return ops.divide_no_nan(ops.sum(per_sample * valid), count)
 
     def _checked_class_indices(self, labels, valid):
         """`labels`, refused unless each is a class index in [0, num_labels) or the ignored -100: a ValueError
-        eagerly, an assertion with the same message inside a graph (`fit`), before the cross-entropy (which on CPU
-        fails with TensorFlow's own message, and on GPU silently gives NaN)."""
+        eagerly, an assertion with the same message inside a TensorFlow graph (`fit`) and an error raised from
+        inside a compiled JAX step, before the cross-entropy (which on CPU fails with TensorFlow's own message, on
+        GPU silently gives NaN, and on JAX silently gives a wrong loss)."""
         n = self.config.num_labels
-        bad = tf.logical_and(valid, tf.logical_or(labels < 0, labels >= n))
+        bad = ops.logical_and(valid, ops.logical_or(labels < 0, labels >= n))
         message = f"labels must be class indices in [0, num_labels={n}); got"
+        if not TF:
+            return _refuse_bad_labels(labels, bad, message)
         if tf.executing_eagerly():
             if bool(tf.reduce_any(bad)):
                 raise ValueError(f"{message} {int(tf.boolean_mask(labels, bad)[0])}")
@@ -1326,17 +1380,18 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         if getattr(self, "_compile_loss", None) is not None:
             if y is None:
                 raise ValueError("fit/evaluate got no labels: pass them as y, or inside the input dict as 'labels'")
-            return super().compute_loss(x, y, tf.cast(logits, tf.float32), sample_weight, training=training)
+            return super().compute_loss(x, y, ops.cast(logits, "float32"), sample_weight, training=training)
         if model_loss is None or sample_weight is not None:
             if y is None:
                 raise ValueError("no loss to train on: compile with a loss, or pass labels (as y, or inside the input "
                                  "dict as 'labels') so the model computes its own")
             model_loss = self.compute_classification_loss(y, logits, sample_weight)
-        total = tf.cast(model_loss, tf.float32)
+        total = ops.cast(model_loss, "float32")
         for extra in self.losses:  # add_loss / regularisers, as Keras adds them
-            total = total + tf.reduce_sum(tf.cast(extra, tf.float32))
-        # Each replica's gradients are summed across replicas, so each contributes its mean / replicas.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            total = total + ops.sum(ops.cast(extra, "float32"))
+        # Each replica's gradients are summed across replicas, so each contributes its mean / replicas (JAX's
+        # keras.distribution computes one loss over the global batch instead).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync if TF else 1
         return total / replicas if replicas > 1 else total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
@@ -1349,9 +1404,46 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             return self.get_metrics_result()
         return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def predict_step(self, data):
-        """`predict` returns the logits, as float32 (the output container is what calling the model returns)."""
-        outputs = super().predict_step(data)
-        if isinstance(outputs, CvtImageClassifierOutput):
-            outputs = outputs.logits
-        return tf.cast(outputs, tf.float32)
+    def predict_step(self, *step):
+        """`predict` returns the logits, as float32 (the output container is what calling the model returns).
+        (`step` is `data`, or `state, data` on JAX, whose steps are pure functions of the variables.)"""
+        outputs = super().predict_step(*step)
+        if JAX:  # (outputs, non-trainable variables)
+            return _float32_logits(outputs[0]), outputs[1]
+        return _float32_logits(outputs)
+
+
+def _float32_logits(outputs):
+    if isinstance(outputs, CvtImageClassifierOutput):
+        outputs = outputs.logits
+    return ops.cast(outputs, "float32")
+
+
+def _is_placeholder(tensor) -> bool:
+    """A tensor without values: a JAX tracer (inside jax.jit or Keras' shape inference) or a torch "meta" tensor
+    (Keras' shape inference on the torch backend)."""
+    if JAX:
+        import jax
+
+        return isinstance(tensor, jax.core.Tracer)
+    return getattr(getattr(tensor, "device", None), "type", None) == "meta"
+
+
+def _refuse_bad_labels(labels, bad, message: str):
+    """`labels`, after raising ValueError(`message` + the first bad label) where any is `bad`: at once for eager
+    tensors (PyTorch, eager JAX); from inside a compiled JAX step through a host callback (the step then fails
+    with that message); not at all for shape inference."""
+
+    def check(labels, bad):
+        labels, bad = np.asarray(labels), np.asarray(bad)
+        if bad.any():
+            raise ValueError(f"{message} {int(labels[bad][0])}")
+
+    if _is_placeholder(labels):
+        if JAX:  # (shape inference, jax.eval_shape, never runs the callback)
+            import jax
+
+            jax.debug.callback(check, labels, bad)
+        return labels
+    check(ops.convert_to_numpy(labels), ops.convert_to_numpy(bad))
+    return labels
