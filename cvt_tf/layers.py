@@ -154,6 +154,13 @@ class CeilModeAveragePooling2D(keras.layers.Layer):
         inside = tf.pad(tf.pad(tf.ones_like(inputs[..., :1]), paddings, constant_values=1.0), ceil_paddings)
         return tf.nn.avg_pool2d(padded, k, s, "VALID") / tf.nn.avg_pool2d(inside, k, s, "VALID")
 
+    def _dynamic_extra_padding(self, size):
+        # tensor version of cvt_core.shapes.avg_pool_ceil_extra_padding
+        k, s, p = self.pool_size, self.strides, self.padding
+        out = -((-(size + 2 * p - k)) // s) + 1
+        out = tf.where((out - 1) * s >= size + p, out - 1, out)
+        return tf.maximum(0, (out - 1) * s + k - (size + 2 * p))
+
     def compute_output_shape(self, input_shape):
         from cvt_core.shapes import avg_pool_ceil_output_size
 

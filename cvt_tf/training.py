@@ -1,5 +1,9 @@
 """Training `TFCvtForImageClassification` with Keras: `compile`/`fit` helpers and `tf.distribute` strategies.
 
+Everything here runs on each Keras backend except the strategies (`split_cpu`, `make_strategy` beyond
+"default", `synchronize_batch_norm`'s replica all-reduce), which are TensorFlow's `tf.distribute` and say so
+under another backend; on JAX, distribute with `keras.distribution` (e.g. `DataParallel`) instead.
+
 The model itself needs nothing from here: `model.compile(optimizer, loss=..., metrics=[...])` and `model.fit(x, y)`
 work as for any Keras model (see `cvt_tf.modeling_cvt`). This module adds what the `cvt train` command and most
 fine-tuning scripts want around it:
@@ -19,21 +23,21 @@ fine-tuning scripts want around it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+import numpy as np
+from keras import ops
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from cvt_core.batching import Augmentation, epoch_order, format_epoch, num_batches
+from cvt_core.training import FitResult, check_fit_arguments, training_schedule
 
-from cvt_core.batching import Augmentation, epoch_order, format_epoch, num_batches  # noqa: E402
-from cvt_core.training import FitResult, check_fit_arguments, training_schedule  # noqa: E402
-
-from .layers import TorchBatchNormalization  # noqa: E402
+from .backend import BACKEND, TF, tensorflow
+from .layers import TorchBatchNormalization
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -42,6 +46,7 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 def split_cpu(count: int) -> List[str]:
     """Split the CPU into `count` logical devices (for MirroredStrategy on one machine, e.g. in tests) and return
     their names. Must run before TensorFlow initialises its devices, i.e. before the first op or device query."""
+    tf = tensorflow("split_cpu (logical CPU devices for tf.distribute)")
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
@@ -54,9 +59,11 @@ def split_cpu(count: int) -> List[str]:
 
 
 def set_threads(threads: Optional[int]) -> None:
-    """Limit TensorFlow's op thread pools (before TensorFlow initialises; ignored afterwards)."""
-    if not threads:
+    """Limit TensorFlow's op thread pools (before TensorFlow initialises; ignored afterwards, and under the other
+    backends, which keep their own)."""
+    if not threads or not TF:
         return
+    tf = tensorflow("set_threads")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -64,10 +71,24 @@ def set_threads(threads: Optional[int]) -> None:
         pass
 
 
-def make_strategy(kind: str = "default", devices: Optional[List[str]] = None) -> tf.distribute.Strategy:
+class _NoStrategy:
+    """The "default" strategy of a backend without tf.distribute: one replica, a scope that does nothing."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def make_strategy(kind: str = "default", devices: Optional[List[str]] = None):
     """`default` (no distribution), `mirrored` (one replica per device: `devices`, else every GPU, else the CPU
     devices) or `multi-worker` (`MultiWorkerMirroredStrategy`, one process per worker, configured by the
-    `TF_CONFIG` environment variable)."""
+    `TF_CONFIG` environment variable). The last two are tf.distribute's: TensorFlow backend only."""
+    if kind not in STRATEGIES:
+        raise ValueError(f"unknown strategy {kind!r}; choose one of {list(STRATEGIES)}")
+    if kind == "default" and not TF:
+        return _NoStrategy()
+    tf = tensorflow(f"strategy {kind!r} (tf.distribute; on JAX use keras.distribution.DataParallel)")
     if kind == "default":
         return tf.distribute.get_strategy()
     if kind == "mirrored":
@@ -80,7 +101,6 @@ def make_strategy(kind: str = "default", devices: Optional[List[str]] = None) ->
             raise ValueError("the multi-worker strategy reads the cluster from the TF_CONFIG environment variable, "
                              "which is not set")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {kind!r}; choose one of {list(STRATEGIES)}")
 
 
 def is_chief() -> bool:
@@ -119,13 +139,13 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps, self.final_fraction = int(warmup_steps), float(final_fraction)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = tf.cast(self.warmup_steps, tf.float32)
-        decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
-        warming = (step + 1.0) / tf.maximum(warmup, 1.0)
-        progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
-        cosine = self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + tf.cos(np.pi * progress))
-        return self.peak * tf.where(step < warmup, warming, cosine)
+        step = ops.cast(step, "float32")
+        warmup = float(self.warmup_steps)
+        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
+        warming = (step + 1.0) / max(warmup, 1.0)
+        progress = ops.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        cosine = self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + ops.cos(np.pi * progress))
+        return self.peak * ops.where(step < warmup, warming, cosine)
 
     def get_config(self):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
@@ -199,6 +219,15 @@ class EpochLogger(keras.callbacks.Callback):
         self.history.append(record)
         if self.echo is not None:
             self.echo(format_epoch(record, self.epochs))
+
+
+def _backend_version() -> str:
+    """"TensorFlow 2.21.0", "JAX 0.10.2", "PyTorch 2.13.0+cpu": the backend the training runs on."""
+    import importlib
+
+    module, label = {"tensorflow": ("tensorflow", "TensorFlow"), "jax": ("jax", "JAX"),
+                     "torch": ("torch", "PyTorch")}.get(BACKEND, (BACKEND, BACKEND))
+    return f"{label} {importlib.import_module(module).__version__}"
 
 
 def predict_logits(model: keras.Model, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -283,7 +312,7 @@ def fit(build_model: Callable[[], keras.Model], train_pixels: np.ndarray, train_
                 strategy, type(distribution).__name__)
             where = (f"{strategy_name} over {replicas} replicas"
                      + (", synchronised BatchNorm" if sync_batchnorm else "")) if replicas > 1 else "1 replica"
-            say(f"training with Keras {keras.__version__} / TensorFlow {tf.__version__} ({where}"
+            say(f"training with Keras {keras.__version__} / {_backend_version()} ({where}"
                 f"{', mixed_bfloat16' if bf16 else ''}): {epochs} epochs x {schedule.steps_per_epoch} steps, "
                 f"global batch {batch_size}")
         batches = ArrayBatches(train_pixels, train_labels, batch_size, shuffle=True, seed=seed,
