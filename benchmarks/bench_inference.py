@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of quiet before each timed sample, so the previous worker's spinning threads "
                              "have stopped (default 0.3)")
     parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: the library's own)")
-    parser.add_argument("--frameworks", default="pt,tf,onnx",
-                        help="comma-separated: pt, tf, onnx (ONNX Runtime on both ONNX exports; default all three)")
+    parser.add_argument("--frameworks", default="pt,tf,jax,onnx",
+                        help="comma-separated: pt, tf, jax (our Keras model on Keras' JAX backend, in the Keras/TF "
+                             "rows), onnx (ONNX Runtime on both ONNX exports); default all four")
     parser.add_argument("--omp-wait-policy", choices=("auto", "default", "passive"), default="auto",
                         help="OpenMP threads of the workers: 'default' spins at barriers (the libraries' default), "
                              "'passive' sleeps; 'auto' (default) picks passive when other processes keep more than 0.4 "
@@ -115,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             kinds += ["hf-pt", "ours-pt"]
         if "tf" in frameworks:
             kinds += ["hf-tf", "ours-keras", "hf-tf-bf16", "ours-keras-bf16"]
+        if "jax" in frameworks:
+            kinds += ["ours-keras-jax", "ours-keras-jax-bf16"]
         if "onnx" in frameworks:
             kinds += ["hf-onnx", "ours-onnx"]
         for kind in kinds:
@@ -132,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rates.update(reply.get("rates", {}))
                 if kind == "ours-keras" and reply.get("rates"):
                     break
+        if "ours-keras-jax" in workers and not workers["ours-keras-jax"].error:
+            rates.update(workers["ours-keras-jax"].call(cmd="matmul").get("rates", {}))
         if "ours-onnx" in workers and not workers["ours-onnx"].error:
             rates.update(workers["ours-onnx"].call(cmd="matmul").get("rates", {}))
         for name, rate in rates.items():
@@ -165,16 +170,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 group("PyTorch bf16 inference", "pt-bf16", batch,
                       [("hf-pt", "fp32"), ("hf-pt", "bf16"), ("hf-pt", "autocast"), ("ours-pt", "bf16"),
                        ("ours-pt", "autocast")], "hf-pt:fp32")
-        if "tf" in frameworks:
-            # at batch 8 transformers' PyTorch fp32 runs in the same rounds: the cross-framework targets' reference
+        if "tf" in frameworks or "jax" in frameworks:
+            # at batch 8 transformers' PyTorch fp32 runs in the same rounds: the cross-framework targets' reference;
+            # our Keras model on JAX runs in the same rounds as on TensorFlow
             cross = [("hf-pt", "fp32")] if "hf-pt" in workers else []
             for batch in batches:
-                group("Keras/TF fp32 inference", "tf-fp32", batch,
-                      [("hf-tf", "fp32"), ("ours-keras", "fp32")] + (cross if batch == 8 else []), "hf-tf:fp32")
-            for batch in batches:
-                group("Keras/TF bf16 inference (mixed_bfloat16)", "tf-bf16", batch,
-                      [("hf-tf", "fp32"), ("hf-tf-bf16", "bf16"), ("ours-keras-bf16", "bf16")]
+                group("Keras/TF and Keras/JAX fp32 inference", "tf-fp32", batch,
+                      [("hf-tf", "fp32"), ("ours-keras", "fp32"), ("ours-keras-jax", "fp32")]
                       + (cross if batch == 8 else []), "hf-tf:fp32")
+            for batch in batches:
+                group("Keras/TF and Keras/JAX bf16 inference (mixed_bfloat16)", "tf-bf16", batch,
+                      [("hf-tf", "fp32"), ("hf-tf-bf16", "bf16"), ("ours-keras-bf16", "bf16"),
+                       ("ours-keras-jax-bf16", "bf16")] + (cross if batch == 8 else []), "hf-tf:fp32")
 
         if "onnx" in frameworks:
             for batch in batches:
@@ -186,9 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "pt" in frameworks:
             group("PyTorch training step (forward, backward, AdamW)", "pt-train", train_batch,
                   [("hf-pt", "train"), ("ours-pt", "train")], "hf-pt:train")
-        if "tf" in frameworks:
-            group("Keras/TF training step (forward, backward, AdamW)", "tf-train", train_batch,
-                  [("hf-tf", "train"), ("ours-keras", "train")], "hf-tf:train")
+        if "tf" in frameworks or "jax" in frameworks:
+            group("Keras/TF and Keras/JAX training step (forward, backward, AdamW)", "tf-train", train_batch,
+                  [("hf-tf", "train"), ("ours-keras", "train"), ("ours-keras-jax", "train")], "hf-tf:train")
         result = summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,
                            args.quick)
         result["wall_s"] = time.perf_counter() - started

@@ -4,8 +4,11 @@
     ours-pt          cvt_torch.CvtForImageClassification (PyTorch, eager, torch.no_grad)
     hf-tf            transformers.TFCvtForImageClassification (tf_keras, call wrapped in tf.function);
                      needs TF_USE_LEGACY_KERAS=1, so it never shares a process with Keras 3
-    ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3), `predict_on_batch` as Keras users call it
-    *-bf16           the same under the mixed_bfloat16 policy (TF processes: the policy is process-global)
+    ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3, TensorFlow backend), `predict_on_batch` as Keras
+                     users call it
+    ours-keras-jax   the same model on Keras' JAX backend (XLA-compiled predict and train steps; the worker runs
+                     with KERAS_BACKEND=jax and never imports TensorFlow)
+    *-bf16           the same under the mixed_bfloat16 policy (Keras processes: the policy is process-global)
     hf-onnx          ONNX Runtime (CPU provider, default session options) on transformers' classifier exported the
                      ordinary way: `torch.onnx.export(model, (x,), f, opset_version=17)` (the TorchScript-based
                      exporter, as optimum exports it), batch axis dynamic
@@ -27,7 +30,9 @@ from benchmarks.harness import best_rate
 
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
-WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16", "hf-onnx", "ours-onnx")
+WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16", "ours-keras-jax",
+                "ours-keras-jax-bf16", "hf-onnx", "ours-onnx")
+JAX_KINDS = ("ours-keras-jax", "ours-keras-jax-bf16")  # workers on Keras' JAX backend
 HF_ONNX_OPSET = 17
 MATMUL_SIZE = 2048
 
@@ -237,6 +242,44 @@ class TFImpl:
         return {"tf.matmul fp32": tf_matmul_rate(tf.float32), "tf.matmul bf16": tf_matmul_rate(tf.bfloat16)}
 
 
+class KerasJaxImpl(TFImpl):
+    """`ours-keras-jax(-bf16)`: `cvt_tf` on Keras' JAX backend, called as `TFImpl` calls ours (`predict_on_batch`,
+    `train_on_batch` with the model's own loss), both XLA-compiled by Keras. JAX's CPU threads are XLA's own
+    (`threads` is not applied)."""
+
+    def __init__(self, kind: str, checkpoint: str, threads: Optional[int]):
+        import keras
+
+        from cvt_tf import TFCvtForImageClassification
+
+        if keras.backend.backend() != "jax":
+            raise RuntimeError(f"{kind} needs KERAS_BACKEND=jax, the worker runs {keras.backend.backend()}")
+        self.tf = None
+        self.keras = keras
+        self.kind = kind
+        self.bf16 = kind.endswith("-bf16")
+        if self.bf16:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        self.model = TFCvtForImageClassification.from_pretrained(checkpoint)
+        self._call = self.model.predict_on_batch
+        self.threads = "default"
+        self._compiled = False
+        self._saved_weights = None
+
+    def matmul_rates(self) -> Dict[str, float]:
+        import jax
+        import jax.numpy as jnp
+
+        n = MATMUL_SIZE
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        matmul = jax.jit(jnp.matmul)
+        rates = {"jax matmul fp32 (XLA)": best_rate(lambda: matmul(a, b).block_until_ready(), 2 * n ** 3)}
+        a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        rates["jax matmul bf16 (XLA)"] = best_rate(lambda: matmul(a16, b16).block_until_ready(), 2 * n ** 3)
+        return rates
+
+
 class OnnxImpl:
     """An ONNX file exported in this worker from the shared checkpoint, run in an ONNX Runtime CPU session."""
 
@@ -312,4 +355,6 @@ def build(kind: str, checkpoint: str, threads: Optional[int]):
     """The implementation of worker `kind`, its model loaded from `checkpoint`."""
     if kind.endswith("-onnx"):
         return OnnxImpl(kind, checkpoint, threads)
+    if kind in JAX_KINDS:
+        return KerasJaxImpl(kind, checkpoint, threads)
     return TorchImpl(kind, checkpoint, threads) if kind.endswith("-pt") else TFImpl(kind, checkpoint, threads)

@@ -118,7 +118,7 @@ class Worker:
             env["TF_USE_LEGACY_KERAS"] = "1"  # transformers' TF classes need Keras 2 (tf_keras)
         else:
             env.pop("TF_USE_LEGACY_KERAS", None)
-            env.setdefault("KERAS_BACKEND", "tensorflow")
+            env["KERAS_BACKEND"] = "jax" if kind in implementations.JAX_KINDS else "tensorflow"
         self.kind = kind
         self.log_path = os.path.join(log_dir, f"worker-{kind}.log")
         self._log = open(self.log_path, "w")
