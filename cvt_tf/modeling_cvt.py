@@ -52,6 +52,7 @@ import h5py
 import keras
 import numpy as np
 from keras import ops
+from keras.src import backend as keras_backend  # (the backend's ops without keras.ops' argument checks)
 from keras.src.saving import saving_lib  # (Keras' own saving walk and stores)
 
 from cvt_core.atomic import atomic_write
@@ -77,7 +78,29 @@ KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights file inside a .keras a
 
 
 def _kernel_initializer(config: CvtConfig) -> keras.initializers.Initializer:
+    if JAX:
+        return _HostTruncatedNormal(stddev=config.initializer_range)
     return keras.initializers.TruncatedNormal(mean=0.0, stddev=config.initializer_range)
+
+
+class _HostTruncatedNormal(keras.initializers.Initializer):
+    """Keras' TruncatedNormal (mean 0, values beyond 2 stddev redrawn), drawn by NumPy's global generator (which
+    `keras.utils.set_random_seed` seeds). For JAX: its truncated normal compiles one XLA program per weight shape,
+    about 0.3 s each on a CPU, which made building a CvT take tens of seconds."""
+
+    def __init__(self, stddev: float):
+        self.stddev = float(stddev)
+
+    def __call__(self, shape, dtype=None):
+        values = np.random.standard_normal(shape)
+        outside = np.abs(values) > 2.0
+        while outside.any():
+            values[outside] = np.random.standard_normal(int(outside.sum()))
+            outside = np.abs(values) > 2.0
+        return ops.convert_to_tensor(values * self.stddev, dtype=dtype or keras.config.floatx())
+
+    def get_config(self):
+        return {"stddev": self.stddev}
 
 
 def _layer_norm(name: str) -> keras.layers.LayerNormalization:
@@ -384,6 +407,12 @@ def _scores(query, key):
     return tf.matmul(query, key, transpose_b=True) if TF else ops.matmul(query, ops.swapaxes(key, -1, -2))
 
 
+def _softmax(scores):
+    """Softmax over the last axis. The backend's own, not `keras.ops.softmax`, which warns on every call over an
+    axis of size 1: the key tokens of a 1x1 grid, as the smallest input (the build) gives."""
+    return tf.nn.softmax(scores, axis=-1) if TF else keras_backend.nn.softmax(scores, axis=-1)
+
+
 class TFCvtSelfAttention(keras.layers.Layer):
     """Multi-head attention over convolutionally projected q, k, v.
 
@@ -441,11 +470,11 @@ class TFCvtSelfAttention(keras.layers.Layer):
         key = _apply_dense(self.projection_key, key)
         value = _apply_dense(self.projection_value, value)
         if self.num_heads == 1:  # no head axis to move
-            attention_probs = ops.softmax(_scores(query, key), axis=-1)
+            attention_probs = _softmax(_scores(query, key))
             context = ops.matmul(self.dropout(attention_probs, training=training), value)
             return context, attention_probs[:, None]
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
-        attention_probs = ops.softmax(_scores(query, key), axis=-1)
+        attention_probs = _softmax(_scores(query, key))
         context = ops.matmul(self.dropout(attention_probs, training=training), value)
         context = ops.transpose(context, (0, 2, 1, 3))
         context = ops.reshape(context, (batch, ops.shape(context)[1], self.embed_dim))
@@ -666,6 +695,26 @@ class TFCvtMainLayer(keras.layers.Layer):
             functions[dtype] = function
         return function(hidden_state)
 
+    def _compiled_encoder(self, hidden_state):
+        """JAX's twin of `_graph_encoder`: eager inference runs the encoder as one `jax.jit`-compiled function of
+        the variables' current values and the image, where op-by-op JAX would compile and dispatch every operation
+        on its own (tens of seconds for a first call). One compile per input shape and dtype; the values are
+        passed in on every call, so the function always sees the current weights."""
+        import jax
+
+        encoder = self.encoder
+        function = self.__dict__.get("_jax_encoder")
+        if function is None:
+            def run(trainable, non_trainable, images):
+                return encoder.stateless_call(trainable, non_trainable, images, training=False)[0]
+
+            function = jax.jit(run)
+            object.__setattr__(self, "_jax_encoder", function)  # a plain attribute, not tracked by Keras
+        with keras_backend.AutocastScope(None):  # the stored values: the layers cast them as they compute
+            trainable = [v.value for v in encoder.trainable_variables]
+            non_trainable = [v.value for v in encoder.non_trainable_variables]
+        return function(trainable, non_trainable, hidden_state)
+
     def _to_output_layout(self, grid):
         return ops.transpose(grid, (0, 3, 1, 2)) if self.data_format == "channels_first" else grid
 
@@ -677,10 +726,12 @@ class TFCvtMainLayer(keras.layers.Layer):
         batch = None if training else _empty_batch_guard(hidden_state)
         if batch is not None:
             hidden_state = batch.input
-        if (not TF or training or not tf.executing_eagerly() or tf.distribute.has_strategy() or not self.built):
-            outputs = self.encoder(hidden_state, training=training)
-        else:
+        if TF and not training and self.built and tf.executing_eagerly() and not tf.distribute.has_strategy():
             outputs = self._graph_encoder(tf.convert_to_tensor(hidden_state))
+        elif JAX and not training and self.built and not _is_placeholder(hidden_state):
+            outputs = self._compiled_encoder(hidden_state)
+        else:
+            outputs = self.encoder(hidden_state, training=training)
         if batch is not None:
             outputs = keras.tree.map_structure(batch.restore, outputs)
         last, cls_token, hidden_states, attentions = outputs
