@@ -69,8 +69,8 @@ def import_keras_models():
 
                 keras.ops.zeros(())  # the first operation probes for GPUs, which logs a CUDA error on a CPU machine
     except ImportError as exc:
-        raise ConversionError(None, f"the Keras side needs TensorFlow, Keras 3 and cvt_tf ({exc}); "
-                                    f"pip install 'cvt-dual[tf]'") from None
+        raise ConversionError(None, f"the Keras side needs Keras 3 and its backend (TensorFlow unless KERAS_BACKEND "
+                                    f"says otherwise) ({exc}); pip install 'cvt-dual[tf]'") from None
     return keras, TFCvtModel, TFCvtForImageClassification
 
 
@@ -136,11 +136,18 @@ def assign_keras_weights(model, state: CanonicalState, desc: str = "loading Kera
     entries = [e for e in state.entries() if e.has_keras_twin]
     if set(variables) != {e.torch_name(state.with_head) for e in entries}:
         raise RuntimeError("cvt_tf's canonical_weights() does not match the cvt_core weight table")  # a library bug
-    import tensorflow as tf  # cvt_tf runs on Keras' TensorFlow backend
+    import keras
+
+    tf = None
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
     for entry in progress(entries, desc=desc, total=len(entries)):
         variable = variables[entry.torch_name(state.with_head)]
         value = np.asarray(state.keras_array(entry), dtype=variable.dtype, order="C")
+        if tf is None:  # JAX and PyTorch copy the array into the variable
+            variable.assign(value)
+            continue
         # TensorFlow may wrap a NumPy array's memory instead of copying it, and assign then adopts that buffer as the
         # variable's, returning the variable's old buffer to its oneDNN pool, which keeps it: up to one model size
         # of extra resident memory, depending on how the arrays happen to be aligned. A DeepCopy gives the value a

@@ -23,7 +23,8 @@ that does not hold exactly the model's variables with their shapes (`KerasWeight
 Backends. The layers are `keras.ops`, so the same model, weights and files (`.keras`, `model.weights.h5`,
 `tf_model.h5`, safetensors) serve every backend, with the same variable paths. Under JAX and PyTorch TensorFlow is
 not imported; what only TensorFlow has (SavedModel/LiteRT `export`, `tf.distribute` strategies) says so. On JAX,
-`fit`/`predict` compile with XLA (Keras' default there), and `keras.distribution.DataParallel` shards the batch.
+`fit`/`predict` compile with XLA (Keras' default there), calling the model eagerly in inference runs the encoder
+as one `jax.jit` function (one compile per input shape), and `keras.distribution.DataParallel` shards the batch.
 
 Speed (CPU, TensorFlow backend; `cvt_tf.backend.TF` guards each of these). The default path is the fast one:
 - every Dense runs as one 2-D MatMul + BiasAdd (+ exact GELU in the MLP), which TensorFlow fuses into a single oneDNN
