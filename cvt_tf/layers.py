@@ -23,10 +23,32 @@ from keras import ops
 
 from cvt_core.shapes import avg_pool_ceil_extra_padding, avg_pool_ceil_window_counts
 
-from .backend import TF
+from .backend import JAX, TF
 
 if TF:
     import tensorflow as tf
+
+
+def depthwise_conv(inputs, kernel, strides=(1, 1), dilation_rate=(1, 1)):
+    """'valid' depthwise convolution of NHWC `inputs` with `kernel` (kh, kw, C, 1), as `keras.ops.depthwise_conv`.
+
+    On JAX it is computed as the sum of kh * kw strided slices of the input, each times one tap of the kernel,
+    which XLA fuses into one loop: XLA's CPU grouped convolution is 50-100x slower on CvT's 3x3 projections
+    (measured: 185 ms against 2 ms for a (8, 58, 58, 64) input), and that difference was most of the model's time.
+    """
+    if not JAX:
+        return ops.depthwise_conv(inputs, kernel, strides=strides, padding="valid", dilation_rate=dilation_rate,
+                                  data_format="channels_last")
+    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], strides, dilation_rate
+    out_h = (inputs.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (inputs.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    outputs = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = inputs[:, i * dh:i * dh + (out_h - 1) * sh + 1:sh, j * dw:j * dw + (out_w - 1) * sw + 1:sw, :]
+            tap = tap * kernel[i, j, :, 0]
+            outputs = tap if outputs is None else outputs + tap
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package="cvt_tf")
@@ -106,6 +128,8 @@ class GroupedDepthwiseConv2D(keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         kh, kw = self.kernel_size
         depthwise_kernel = ops.reshape(kernel, (kh, kw, self.filters, 1))
+        if self.padding == "valid":
+            return depthwise_conv(inputs, depthwise_kernel, self.strides, self.dilation_rate)
         return ops.depthwise_conv(
             inputs, depthwise_kernel, strides=self.strides, padding=self.padding,
             dilation_rate=self.dilation_rate, data_format="channels_last")

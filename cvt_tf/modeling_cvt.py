@@ -68,7 +68,7 @@ from cvt_core.training import announce_inferred_problem_type
 from cvt_core.weights import WeightLoadError, weight_table
 
 from .backend import BACKEND, JAX, TF, tensorflow
-from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization
+from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization, depthwise_conv
 
 if TF:
     import tensorflow as tf
@@ -348,10 +348,8 @@ class TFCvtSelfAttentionConvProjection(keras.layers.Layer):
         dtype = hidden_state.dtype
         kernel, shift = ops.cast(kernel, dtype), ops.cast(shift, dtype)
         if not TF:
-            outputs = ops.depthwise_conv(self.padding(hidden_state), kernel, strides=convolution.strides,
-                                         padding="valid", dilation_rate=convolution.dilation_rate,
-                                         data_format="channels_last")
-            return outputs + shift
+            return depthwise_conv(self.padding(hidden_state), kernel, convolution.strides,
+                                  convolution.dilation_rate) + shift
         stride_h, stride_w = convolution.strides
         # (explicit padding inside the convolution crashes grappler's shape inference: pad first)
         outputs = tf.nn.depthwise_conv2d(
