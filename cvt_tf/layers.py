@@ -4,8 +4,8 @@
   batch variance, as `torch.nn.BatchNorm2d` does (Keras uses the biased one), optionally synchronised across the
   replicas of a `tf.distribute` strategy as `torch.nn.SyncBatchNorm` is.
 - `GroupedDepthwiseConv2D`: a depthwise convolution that stores its kernel as `Conv2D(groups=C)` does,
-  (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs the backend's depthwise
-  kernel (on TensorFlow much faster than its grouped convolution).
+  (kh, kw, 1, C), the layout of PyTorch's depthwise weight after transposition, but runs `depthwise_conv`: the
+  backend's depthwise kernel (on TensorFlow much faster than its grouped convolution), on JAX strided slices.
 - `CeilModeAveragePooling2D`: `torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True,
   count_include_pad=True)` for channels-last tensors.
 
