@@ -183,7 +183,7 @@ def run(job: dict) -> dict:
         model = load(main)
         path = os.path.join(work, f"{backend}.weights.h5")
         model.save_weights(path)
-        fresh = TFCvtForImageClassification(model.config)
+        fresh = TFCvtForImageClassification(model.config, data_format="channels_first")
         fresh.load_weights(path)
         _assert_close(ops_numpy(fresh(pixels).logits), reference(main)["logits"], "logits")
 
