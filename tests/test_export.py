@@ -230,7 +230,7 @@ def test_bad_request_ends_in_one_line_exit_2_and_writes_nothing(sources, tmp_pat
     if dst is not None:
         assert not os.path.exists(dst)
     assert not leftovers(tmp_path) and not (tmp_path / "out").exists()
-    assert sorted(os.listdir(sources["hf"])) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(os.listdir(sources["hf"])) == ["config.json", "model.safetensors"]
 
 
 def test_every_bad_request_case_is_listed(sources, tmp_path):

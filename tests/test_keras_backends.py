@@ -6,7 +6,8 @@ compiled one (the loss goes down; one step moves the BatchNorm statistics exactl
 does), `predict`, `mixed_bfloat16`, `.weights.h5` and `.keras` files (one saved here under TensorFlow loads
 there), and on JAX a `keras.distribution.DataParallel` fit over two host devices that equals the one-device fit.
 The JAX and PyTorch children run with TensorFlow made unimportable. Back here, under TensorFlow, the `.keras` file
-each child trained and saved loads with the logits the child computed.
+each child trained and saved loads with the logits the child computed. The TensorFlow child is a slow extra: the rest
+of the suite runs the same checks on TensorFlow in this process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 from hf_oracle import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BACKENDS = ("tensorflow", "jax", "torch")
+# The rest of the suite runs every one of these checks in this process, on the TensorFlow backend, so its child is
+# a slow extra (`-m slow`): CI's minutes go to the backends nothing else covers.
+BACKEND_PARAMS = [pytest.param("tensorflow", marks=pytest.mark.slow), "jax", "torch"]
 BACKEND_CASES = ("tiny-64", "tiny-variants", "tiny-four-stages-bare")
 TRAIN_CASE = "tiny-64"  # 5 classes, integer labels, drop path only on the last stage
 
@@ -87,7 +90,7 @@ def _run_child(backend: str, job: dict, root) -> dict:
     return json.loads((workdir / "report.json").read_text())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_keras_models_load_match_train_and_save_on_every_backend(backend, backend_job):
     import keras
 
