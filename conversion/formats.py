@@ -29,11 +29,11 @@ from cvt_core.checkpoint import (
     SAFETENSORS_INDEX_NAME,
     SAFETENSORS_NAME,
     CheckpointError,
+    default_image_processor,
     open_checkpoint,
     write_safetensors_streaming,
 )
 from cvt_core.config import PRESETS, CvtConfig
-from cvt_core.shapes import default_input_size
 from cvt_core.tensor_file import LazyTensors
 
 from . import original as original_format
@@ -304,7 +304,7 @@ def write_preprocessor(directory: str, source: str, config: CvtConfig, height: O
     elif height is not None:
         processor = CvtImageProcessor.for_resolution(side or min(height, width))
     else:
-        processor = CvtImageProcessor.for_resolution(min(default_input_size(config)))
+        processor = default_image_processor(config)
     return processor.save_pretrained(directory)
 
 

@@ -395,6 +395,15 @@ def _folder_image_processor(directory: str):
         raise CheckpointError(f"{path}: not a usable preprocessor config ({' '.join(str(exc).split())})") from None
 
 
+def default_image_processor(config):
+    """The preprocessing written beside weights that come without their own: the released checkpoints' recipe at
+    the config's resolution (the shorter side of a non-square `image_size`, 224 when it sets none)."""
+    from .image_processing import CvtImageProcessor
+    from .shapes import default_input_size
+
+    return CvtImageProcessor.for_resolution(min(default_input_size(config)))
+
+
 def save_pretrained_folder(directory: str, config, with_head: bool, architecture: str,
                            tensors: Mapping[str, np.ndarray], image_processor=None, push_to_hub: bool = False,
                            repo_id: Optional[str] = None, **push_options: Any) -> str:
@@ -406,7 +415,6 @@ def save_pretrained_folder(directory: str, config, with_head: bool, architecture
     import warnings
 
     from .config import transformers_differences
-    from .image_processing import CvtImageProcessor
 
     directory = os.fspath(directory)
     config = copy.deepcopy(config)
@@ -415,12 +423,7 @@ def save_pretrained_folder(directory: str, config, with_head: bool, architecture
     os.makedirs(directory, exist_ok=True)
     save_pretrained_state(directory, tensors)
     config.save_pretrained(directory)
-    if image_processor is None:
-        try:
-            image_processor = CvtImageProcessor.for_config(config)
-        except ValueError:  # a non-square image_size: the released recipe at its shorter side
-            image_processor = CvtImageProcessor.for_resolution(min(config.image_size))
-    image_processor.save_pretrained(directory)
+    (image_processor or default_image_processor(config)).save_pretrained(directory)
     differences = transformers_differences(config, with_head)
     if differences:
         warnings.warn(f"{directory}: transformers cannot build this model or computes other outputs from it: "

@@ -51,11 +51,15 @@ def split_hub_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
 
 
-def _preset_refusal(name: str) -> Optional[str]:
+def is_preset_name(name: str) -> bool:
+    """Whether `name` is a bare architecture name (`cvt-13`, `cvt-13-384`) and no local path: no weights behind it."""
     from .config import preset_key
 
-    key = preset_key(name)
-    if key is None or "/" in name:
+    return "/" not in name and preset_key(name) is not None and not os.path.exists(name)
+
+
+def _preset_refusal(name: str) -> Optional[str]:
+    if not is_preset_name(name):
         return None
     return (f"{name}: is a preset, an architecture without weights. For random weights build the model from "
             f"CvtConfig.from_preset({name!r}); for the released weights load the hub repository "
@@ -71,7 +75,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, **hub_options: Any) -> s
         raise TypeError(f"unknown hub option(s) {sorted(unknown)}; accepted: {list(HUB_OPTIONS)}")
     repo_id = hub_repo_id(name)
     if repo_id is None:
-        refusal = _preset_refusal(name) if not os.path.exists(name) else None
+        refusal = _preset_refusal(name)
         if refusal:
             raise CheckpointError(refusal)
         return name

@@ -20,10 +20,15 @@ from .batching import num_batches
 logger = logging.getLogger("cvt")
 
 
-def announce_inferred_problem_type(model_name: str, problem_type: str, num_labels: int) -> None:
-    """Say which loss a model's own loss picked when `config.problem_type` is unset (transformers' inference from
-    num_labels and the labels' dtype): logged at INFO level, and a UserWarning for multi-label, the pick that one-hot
-    single-label targets fall into. The models call this once each."""
+def announce_inferred_problem_type(model: Any, problem_type: str) -> None:
+    """Say, once per model and pick, which loss a model's own loss picked when `config.problem_type` is unset
+    (transformers' inference from num_labels and the labels' dtype): logged at INFO level, and a UserWarning for
+    multi-label, the pick that one-hot single-label targets fall into."""
+    if model.__dict__.get("_announced_problem_type") == problem_type:
+        return
+    # a plain attribute, past nn.Module's and Keras' attribute tracking
+    object.__setattr__(model, "_announced_problem_type", problem_type)
+    model_name, num_labels = type(model).__name__, model.config.num_labels
     logger.info("%s: config.problem_type is unset; training with %s (inferred from num_labels=%d and the labels' "
                 "dtype, as transformers does)", model_name, problem_type, num_labels)
     if problem_type == "multi_label_classification":

@@ -58,8 +58,8 @@ from keras.src.saving import saving_lib  # (Keras' own saving walk and stores)
 
 from cvt_core.atomic import atomic_write
 from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
-from cvt_core.config import CvtConfig, preset_key
-from cvt_core.hub import resolve_pretrained, split_hub_options
+from cvt_core.config import CvtConfig
+from cvt_core.hub import is_preset_name, resolve_pretrained, split_hub_options
 from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,
@@ -1163,7 +1163,7 @@ class TFCvtPreTrainedModel(keras.Model):
         # the backbone's stage choice is the model's, not the config's
         model_arguments = {key: kwargs.pop(key) for key in ("out_features", "out_indices") if key in kwargs}
         name = os.fspath(preset)
-        if preset_key(name) is not None and "/" not in name and not os.path.exists(name):
+        if is_preset_name(name):
             if load_weights:
                 raise ValueError(f"{name!r} names an architecture only, with no weights: pass load_weights=False for "
                                  f"random weights, or from_preset('hf://microsoft/{name.lower()}') for the released ones")
@@ -1354,9 +1354,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
-        if self.__dict__.get("_announced_problem_type") != problem_type:
-            object.__setattr__(self, "_announced_problem_type", problem_type)  # a plain attribute, not tracked
-            announce_inferred_problem_type(type(self).__name__, problem_type, self.config.num_labels)
+        announce_inferred_problem_type(self, problem_type)
         return problem_type
 
     def compute_classification_loss(self, labels, logits, sample_weight=None):

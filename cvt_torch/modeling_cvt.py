@@ -803,9 +803,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
             problem_type = "single_label_classification"
         else:
             problem_type = "multi_label_classification"
-        if self.__dict__.get("_announced_problem_type") != problem_type:
-            self.__dict__["_announced_problem_type"] = problem_type
-            announce_inferred_problem_type(type(self).__name__, problem_type, self.config.num_labels)
+        announce_inferred_problem_type(self, problem_type)
         return problem_type
 
     def compute_classification_loss(self, labels: torch.Tensor, logits: torch.Tensor,
