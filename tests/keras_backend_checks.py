@@ -45,7 +45,7 @@ def run(job: dict) -> dict:
     import keras
     import numpy as np
 
-    from cvt_tf import TFCvtForImageClassification, TFCvtModel
+    from cvt_tf import TFCvtBackbone, TFCvtForImageClassification, TFCvtModel
 
     backend = keras.backend.backend()
     assert backend == job["backend"], f"KERAS_BACKEND={job['backend']} but Keras runs {backend}"
@@ -186,6 +186,22 @@ def run(job: dict) -> dict:
         fresh = TFCvtForImageClassification(model.config, data_format="channels_first")
         fresh.load_weights(path)
         _assert_close(ops_numpy(fresh(pixels).logits), reference(main)["logits"], "logits")
+
+    @check("backbone_feature_maps_match_transformers_and_survive_a_keras_file")
+    def _():
+        expected = reference(main)
+        stages = sorted(int(k.split(".")[1]) for k in expected if k.startswith("hidden_states."))
+        backbone = TFCvtBackbone.from_pretrained(main["checkpoint"], out_indices=[s + 1 for s in stages])
+        output = backbone(pixels)
+        assert list(output.pyramid_outputs) == [f"P{s.bit_length() - 1}" for s in backbone.strides]
+        for stage, feature in zip(stages, output.feature_maps):
+            _assert_close(ops_numpy(feature), expected[f"hidden_states.{stage}"], f"feature map of stage {stage}")
+        path = os.path.join(work, f"backbone-{backend}.keras")
+        backbone.save(path)
+        loaded = keras.models.load_model(path)
+        assert list(loaded.out_features) == list(backbone.out_features), loaded.out_features
+        for stage, feature in zip(stages, loaded(pixels).feature_maps):
+            _assert_close(ops_numpy(feature), expected[f"hidden_states.{stage}"], f"reloaded stage {stage}")
 
     @check("mixed_bfloat16_inference_and_training")
     def _():
