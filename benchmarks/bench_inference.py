@@ -40,6 +40,9 @@ from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.macs import cvt_macs  # noqa: E402
 
 
+TRAINING_KINDS = {"hf-pt", "ours-pt", "hf-tf", "ours-keras", "ours-keras-jax"}  # the workers of the training rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "'passive' sleeps; 'auto' (default) picks passive when other processes keep more than 0.4 "
                              "cores busy at the start, where spinning threads steal the core their preempted partner "
                              "needs")
+    parser.add_argument("--no-compiled-training", dest="compiled_training", action="store_false",
+                        help="skip the PyTorch training step under torch.compile (reported beside the eager step, "
+                             "no target; its first call compiles for a minute or two)")
     parser.add_argument("--photos", type=int, default=None, help="real-photo views for bf16 agreement (default 96)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="output folder")
     parser.add_argument("--worker", choices=WORKER_KINDS, help=argparse.SUPPRESS)
@@ -185,14 +191,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if "onnx" in frameworks:
             for batch in batches:
-                group("ONNX Runtime fp32 inference (CPU provider)", "onnx-fp32", batch,
-                      [("hf-onnx", "fp32"), ("ours-onnx", "fp32")], "hf-onnx:fp32")
+                # our eager PyTorch model in the same rounds: a CPU deployment's alternative to ONNX Runtime
+                group("ONNX Runtime fp32 inference (CPU provider) beside our eager PyTorch", "onnx-fp32", batch,
+                      [("hf-onnx", "fp32"), ("ours-onnx", "fp32"), ("ours-pt", "fp32")], "hf-onnx:fp32")
 
         # real photos before the training rows (a TF training step changes the model in place until released)
         agreement = photo_agreement(workers, num_photos, workdir, log) if num_photos > 0 else {}
+        # the training rows need few workers and the most memory: the others quit first (on a 24 GiB machine all ten
+        # processes and a training step do not fit, and the kernel's OOM killer would stop one mid-row)
+        for kind in set(workers) - TRAINING_KINDS:
+            workers[kind].close(wait=False)
         if "pt" in frameworks:
             group("PyTorch training step (forward, backward, AdamW)", "pt-train", train_batch,
-                  [("hf-pt", "train"), ("ours-pt", "train")], "hf-pt:train")
+                  [("hf-pt", "train"), ("ours-pt", "train")]
+                  + ([("ours-pt", "train-compiled")] if args.compiled_training else []), "hf-pt:train")
         if "tf" in frameworks or "jax" in frameworks:
             group("Keras/TF and Keras/JAX training step (forward, backward, AdamW)", "tf-train", train_batch,
                   [("hf-tf", "train"), ("ours-keras", "train"), ("ours-keras-jax", "train")], "hf-tf:train")

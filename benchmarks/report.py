@@ -31,6 +31,8 @@ TARGETS = [
     ("tf-train", "Keras training step", "tf-train", None, "ours-keras:train", "hf-tf:train", 2.0),
     ("onnx-fp32-b8", "ONNX Runtime: our model.onnx vs transformers' ONNX export, batch 8", "onnx-fp32", 8,
      "ours-onnx:fp32", "hf-onnx:fp32", 1.3),
+    ("pt-fp32-b8-vs-ort", "PyTorch fp32 eager vs ONNX Runtime on transformers' ONNX export, batch 8", "onnx-fp32", 8,
+     "ours-pt:fp32", "hf-onnx:fp32", 1.2),
 ]
 
 
@@ -77,7 +79,7 @@ def _find(rows, section, batch, candidate):
 
 def result_row(cand, section: str, batch: int, reference: str, ref, gflop_per_image: float) -> Dict[str, Any]:
     """The results.json row of one timed candidate; `ref` is the candidate named `reference` (or None)."""
-    flops = gflop_per_image * (3 if cand.variant == "train" else 1)
+    flops = gflop_per_image * (3 if cand.variant.startswith("train") else 1)
     return {
         "section": section, "batch": batch, "candidate": cand.name, "worker": cand.worker.kind,
         "variant": cand.variant, "error": cand.error, "median_s": cand.median,

@@ -64,7 +64,7 @@ def worker_main(kind: str, checkpoint: str, threads: Optional[int], workdir: str
                     times.append(time.perf_counter() - start)
                 prepared[key] = run
                 result = {"ok": True, "warmup_s": times}
-                if request["variant"] != "train":
+                if not request["variant"].startswith("train"):
                     path = os.path.join(workdir, f"{kind}-{key.replace('/', '-')}.npy")
                     np.save(path, impl.to_numpy(value))
                     result["logits"] = path
