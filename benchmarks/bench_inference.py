@@ -34,13 +34,30 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.agreement import photo_agreement  # noqa: E402
 from benchmarks.harness import Candidate, cores_in_use, run_group  # noqa: E402
 from benchmarks.implementations import IMAGE_SIZE, WORKER_KINDS, make_checkpoint  # noqa: E402
-from benchmarks.report import result_row, summarise, write_results  # noqa: E402
+from benchmarks.report import missed_targets, result_row, summarise, write_results  # noqa: E402
 from benchmarks.workers import Worker, worker_main  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.macs import cvt_macs  # noqa: E402
 
 
 TRAINING_KINDS = {"hf-pt", "ours-pt", "hf-tf", "ours-keras", "ours-keras-jax"}  # the workers of the training rows
+
+
+def profile_missed_targets(cands: List[Candidate], section: str, batch: int, profiles: Dict[str, Dict[str, Any]],
+                           log) -> None:
+    """Profile ours and the reference of every target of this row that the row misses, while their runs are still
+    prepared in the workers."""
+    by_name = {c.name: c for c in cands}
+    for target in missed_targets(section, batch, {c.name: c.images_per_s for c in cands}):
+        for name in (target["ours"], target["reference"]):
+            key = f"{section}/{batch}/{name}"
+            if key in profiles:
+                continue
+            cand = by_name[name]
+            reply = cand.worker.call(cmd="profile", key=cand.key)
+            profiles[key] = reply if reply.get("ok") else {"error": reply.get("error")}
+            log(f"    profiled {name} for the missed target {target['id']}"
+                + (f" ({reply['profile_s']:.0f} s)" if reply.get("ok") else f": {reply.get('error')}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compiled-training", dest="compiled_training", action="store_false",
                         help="skip the PyTorch training step under torch.compile (reported beside the eager step, "
                              "no target; its first call compiles for a minute or two)")
+    parser.add_argument("--no-profile", dest="profile_misses", action="store_false",
+                        help="skip the op profiles of the candidates of a missed target (by default each is profiled "
+                             "in its runtime's profiler right after its row, and the run prints the ceiling)")
     parser.add_argument("--photos", type=int, default=None, help="real-photo views for bf16 agreement (default 96)")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="output folder")
     parser.add_argument("--worker", choices=WORKER_KINDS, help=argparse.SUPPRESS)
@@ -150,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         rows: List[Dict[str, Any]] = []
         memory: Dict[str, Dict[str, Any]] = {}
+        profiles: Dict[str, Dict[str, Any]] = {}  # "section/batch/candidate" -> op profile, for missed targets
 
         def group(title: str, section: str, batch: int, spec, reference: str):
             log(f"{title}, batch {batch}")
@@ -161,6 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not cands:
                 return
             run_group(cands, repeats, min_sample, log, warmup, settle_s=args.settle, untimed=args.untimed)
+            if args.profile_misses:
+                profile_missed_targets(cands, section, batch, profiles, log)
             for kind in involved:
                 reply = workers[kind].call(cmd="memory")
                 memory.setdefault(kind, {})[f"{section}/{batch}"] = reply.get("peak_rss_mb")
@@ -209,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             group("Keras/TF and Keras/JAX training step (forward, backward, AdamW)", "tf-train", train_batch,
                   [("hf-tf", "train"), ("ours-keras", "train"), ("ours-keras-jax", "train")], "hf-tf:train")
         result = summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,
-                           args.quick)
+                           args.quick, profiles)
         result["wall_s"] = time.perf_counter() - started
         result["load_average_start"], result["load_average_end"] = list(load_start), list(os.getloadavg())
         result["cores_busy_before_start"] = busy_cores

@@ -27,6 +27,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from benchmarks import profiles
 from benchmarks.harness import best_rate
 
 IMAGE_SIZE = 224
@@ -150,6 +151,9 @@ class TorchImpl:
     def to_numpy(self, value) -> np.ndarray:
         return value.detach().float().numpy()
 
+    def op_profile(self, run, variant: str, batch: int) -> Dict[str, float]:
+        return profiles.torch_op_profile(run)
+
     def matmul_rates(self) -> Dict[str, float]:
         torch = self.torch
         n = MATMUL_SIZE
@@ -241,6 +245,9 @@ class TFImpl:
         value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
         return np.asarray(value, dtype=np.float32)
 
+    def op_profile(self, run, variant: str, batch: int) -> Dict[str, float]:
+        return profiles.tf_op_profile(run)
+
     def matmul_rates(self) -> Dict[str, float]:
         tf = self.tf
         return {"tf.matmul fp32": tf_matmul_rate(tf.float32), "tf.matmul bf16": tf_matmul_rate(tf.bfloat16)}
@@ -270,6 +277,9 @@ class KerasJaxImpl(TFImpl):
         self._compiled = False
         self._saved_weights = None
 
+    def op_profile(self, run, variant: str, batch: int) -> Dict[str, float]:
+        raise NotImplementedError("no op profile for Keras on JAX")
+
     def matmul_rates(self) -> Dict[str, float]:
         import jax
         import jax.numpy as jnp
@@ -294,7 +304,7 @@ class OnnxImpl:
         import torch
 
         self._folder = tempfile.TemporaryDirectory(prefix=f"cvt-bench-{kind}-")
-        path = f"{self._folder.name}/model.onnx"
+        self.path = path = f"{self._folder.name}/model.onnx"
         pixels = torch.from_numpy(make_inputs(2)[0])
         if kind == "hf-onnx":
             import transformers
@@ -333,6 +343,9 @@ class OnnxImpl:
 
     def to_numpy(self, value) -> np.ndarray:
         return np.asarray(value, dtype=np.float32)
+
+    def op_profile(self, run, variant: str, batch: int) -> Dict[str, float]:
+        return profiles.onnx_op_profile(self.path, self._options, {"pixel_values": make_inputs(batch)[0]})
 
     def matmul_rates(self) -> Dict[str, float]:
         """GFLOP/s of an ONNX MatMul of two MATMUL_SIZE square matrices (the right one a constant, as weights are) in

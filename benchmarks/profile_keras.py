@@ -31,22 +31,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def kernel_events(xspace_path: str):
-    """(op type, node name, seconds) of every TensorFlow kernel run recorded in an XSpace file."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    space = xplane_pb2.XSpace()
-    with open(xspace_path, "rb") as f:
-        space.ParseFromString(f.read())
-    for plane in space.planes:
-        for line in plane.lines:
-            for event in line.events:
-                metadata = plane.event_metadata[event.metadata_id]
-                # kernel events carry the node name (our layers' scopes) and the op type as display name
-                if metadata.display_name and "tf_cvt" in metadata.name:
-                    yield metadata.display_name, metadata.name, event.duration_ps * 1e-12
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
@@ -59,6 +43,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from benchmarks.implementations import tf_matmul_rate
+    from benchmarks.profiles import tf_kernel_events
     from cvt_core.config import CvtConfig
     from cvt_core.macs import cvt_macs
     from cvt_tf import TFCvtForImageClassification
@@ -85,7 +70,7 @@ def main(argv=None) -> int:
         if not files:
             print("the profiler wrote no trace", file=sys.stderr)
             return 1
-        events = list(kernel_events(files[0]))
+        events = list(tf_kernel_events(files[0]))
 
     by_type, counts, casts = collections.Counter(), collections.Counter(), collections.Counter()
     for op_type, name, seconds in events:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from benchmarks.harness import compare_logits, library_versions, machine_facts
+from benchmarks.profiles import ceiling, describe
 
 
 TARGETS = [
@@ -91,10 +92,25 @@ def result_row(cand, section: str, batch: int, reference: str, ref, gflop_per_im
     }
 
 
+def missed_targets(section: str, batch: int, images_per_s: Dict[str, Optional[float]]) -> List[Dict[str, Any]]:
+    """The targets of one timed row (`images_per_s` by candidate name) that it misses."""
+    missed = []
+    for tid, text, tsection, tbatch, ours, ref, minimum in TARGETS:
+        if tsection != section or (tbatch is not None and tbatch != batch):
+            continue
+        o, r = images_per_s.get(ours), images_per_s.get(ref)
+        if o and r and o / r < minimum:
+            missed.append({"id": tid, "target": text, "ours": ours, "reference": ref, "ratio": o / r,
+                           "minimum": minimum})
+    return missed
+
+
 def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,
-              quick: bool) -> Dict[str, Any]:
+              quick: bool, op_profiles: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """The content of results.json (without the run's wall time and load, which the caller adds): the rows with
-    their share of the matmul peaks, the targets with ratios and PASS/FAIL, machine facts and versions."""
+    their share of the matmul peaks, the targets with ratios and PASS/FAIL (a missed one with the op profiles of
+    its candidates and the ceiling they give), machine facts and versions."""
+    op_profiles = op_profiles or {}
     onnx_peak = rates.get(ONNX_MATMUL)  # the ONNX rows run on ONNX Runtime's own GEMM (MLAS)
     fp32_peaks = {k: v for k, v in rates.items() if "fp32" in k and k != ONNX_MATMUL}
     bf16_peaks = {k: v for k, v in rates.items() if "bf16" in k}
@@ -118,9 +134,18 @@ def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, ba
                 # the same rounds, run back to back: robust to load that drifts between rounds
                 paired = float(np.median(np.asarray(r["times_s"]) / np.asarray(o["times_s"])))
         status = "n/a" if ratio is None else ("PASS" if ratio >= minimum else "FAIL")
-        targets.append({"id": tid, "target": text, "ours": ours, "reference": ref, "ratio": ratio,
-                        "paired_ratio": paired, "minimum": minimum, "status": status,
-                        "note": (o or {}).get("error") or (r or {}).get("error")})
+        target = {"id": tid, "target": text, "ours": ours, "reference": ref, "ratio": ratio,
+                  "paired_ratio": paired, "minimum": minimum, "status": status,
+                  "note": (o or {}).get("error") or (r or {}).get("error")}
+        if status == "FAIL":
+            found = {name: op_profiles.get(f"{section}/{row['batch']}/{name}")
+                     for name, row in ((ours, o), (ref, r))}
+            target["profiles"] = found
+            ours_profile = found[ours] or {}
+            if ours_profile.get("ops_ms"):
+                target["ceiling"] = ceiling(ours_profile["ops_ms"], 1000 * o["batch"] / o["images_per_s"],
+                                            1000 * r["batch"] / r["images_per_s"], minimum)
+        targets.append(target)
     return {
         "machine": machine_facts(), "versions": library_versions(), "matmul_gflops": rates,
         "best_fp32_matmul_gflops": peak32, "best_bf16_matmul_gflops": peak16, "gmac_per_image": macs["total"] / 1e9,
@@ -178,6 +203,11 @@ def print_table(result: Dict[str, Any]) -> None:
         print(f"{t['target']:<70s} {_fmt(t['ratio']):>6s} {_fmt(t.get('paired_ratio')):>6s} {t['minimum']:>5.1f}  "
               f"{t['status']}"
               + (f"  ({t['note'][:60]})" if t["status"] == "n/a" and t.get("note") else ""))
+    missed = [t for t in result["targets"] if t["status"] == "FAIL"]
+    if missed:
+        print("\nwhere the time goes for each missed target (the runtimes' own profilers, ms per call) and its ceiling:")
+        for t in missed:
+            print(describe(t, t.get("profiles") or {}))
     print()
     if result["peak_rss_mb"]:
         print("peak resident memory per worker process (MB) while running each configuration:")

@@ -4,7 +4,7 @@ The parent and a worker talk in JSON lines over the worker's stdin/stdout; anyth
 worker's log file. A worker is started as `python -m benchmarks.bench_inference --worker KIND ...` with the
 environment its framework needs (transformers' TF classes need Keras 2, so they never share a process with Keras 3).
 Requests: prepare (build and warm up a variant at a batch, save its logits), time, release, reset_peak, memory,
-matmul, logits (of a batch of photos), quit.
+matmul, logits (of a batch of photos), profile (op types of a prepared run, for a missed target), quit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from benchmarks import implementations
+from benchmarks import implementations, profiles
 from benchmarks.harness import peak_rss_mb, reset_peak_rss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,10 @@ def worker_main(kind: str, checkpoint: str, threads: Optional[int], workdir: str
                 reply({"ok": reset_peak_rss(), **peak_rss_mb()})
             elif cmd == "memory":
                 reply({"ok": True, **peak_rss_mb()})
+            elif cmd == "profile":  # op types of a prepared (variant, batch) and their ms per call
+                run = prepared[request["key"]]
+                variant, batch = request["key"].split("/")
+                reply({"ok": True, **profiles.timed_profile(lambda: impl.op_profile(run, variant, int(batch)))})
             elif cmd == "matmul":
                 reply({"ok": True, "rates": impl.matmul_rates()})
             elif cmd == "logits":

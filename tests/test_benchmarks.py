@@ -65,3 +65,52 @@ def test_targets_compare_median_rates_pair_rounds_and_mark_pass_fail_or_missing(
     assert targets["pt-fp32-b8"]["status"] == "PASS"  # needs 1.5
     assert targets["tf-fp32-b8"]["status"] == "FAIL"  # 2.0, needs 2.5
     assert targets["pt-train"]["status"] == "n/a" and targets["pt-train"]["ratio"] is None
+
+
+def test_a_missed_target_carries_both_profiles_and_the_ceiling_they_give():
+    from benchmarks.profiles import describe
+    from benchmarks.report import summarise
+
+    rows = [_row("tf-fp32", "hf-tf:fp32", [1.0, 1.0, 1.0]), _row("tf-fp32", "ours-keras:fp32", [0.5, 0.5, 0.5])]
+    ours_ops = {"_MklNativeFusedMatMul": 60.0, "_MklSoftmax": 30.0, "AddV2": 10.0}  # profiled ms, 100 in all
+    profiles = {"tf-fp32/8/ours-keras:fp32": {"ok": True, "ops_ms": ours_ops},
+                "tf-fp32/8/hf-tf:fp32": {"ok": True, "ops_ms": {"BatchMatMulV2": 150.0, "Softmax": 50.0}}}
+    result = summarise(rows, {}, {}, {"total": 1}, 2e-9, {}, {}, [8], 4, quick=True, op_profiles=profiles)
+    target = next(t for t in result["targets"] if t["id"] == "tf-fp32-b8")
+    assert target["status"] == "FAIL"
+    assert target["profiles"]["hf-tf:fp32"]["ops_ms"]["Softmax"] == 50.0
+    ceiling = target["ceiling"]
+    # ours takes 500 ms per batch of 8, the reference 1000: at 2.5x ours would need 400 ms; the profile's matmul
+    # share (60%) of the wall time is 300 ms, so with everything else free ours would reach 1000 / 300
+    assert ceiling["needed_ms"] == pytest.approx(400.0)
+    assert ceiling["matmul_ms"] == pytest.approx(300.0) and ceiling["other_ms"] == pytest.approx(200.0)
+    assert ceiling["matmul_only_ratio"] == pytest.approx(1000 / 300)
+    assert ceiling["other_budget_ms"] == pytest.approx(100.0)
+    text = describe(target, target["profiles"])
+    assert "3.33x" in text and "matrix products 60%" in text and "matrix products 75%" in text
+    passed = next(t for t in result["targets"] if t["id"] == "pt-fp32-b8")
+    assert "ceiling" not in passed and "profiles" not in passed
+
+
+def test_torch_and_onnx_runtime_profiles_name_the_matrix_products_they_ran(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.profiles import is_matmul, onnx_op_profile, torch_op_profile
+
+    x, w = torch.randn(64, 128), torch.randn(256, 128)
+    ops = torch_op_profile(lambda: torch.nn.functional.linear(x, w).relu())
+    assert any(is_matmul(op) for op in ops) and any("relu" in op for op in ops)
+
+    weight = numpy_helper.from_array(np.ones((128, 256), np.float32), "weight")
+    nodes = [helper.make_node("MatMul", ["x", "weight"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 256])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    ops = onnx_op_profile(str(path), onnxruntime.SessionOptions(), {"x": np.ones((64, 128), np.float32)})
+    assert "MatMul" in ops and "Relu" in ops and all(ms >= 0 for ms in ops.values())

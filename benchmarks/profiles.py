@@ -1,0 +1,159 @@
+"""Where the time goes, for the targets a benchmark run misses: each runtime's own profiler summed by op type, and
+the ceiling that follows from it.
+
+A worker answers `profile` (benchmarks/workers.py) with `op_profile`: the op types of one prepared (variant, batch)
+call and their milliseconds per call, from torch.profiler (PyTorch), TensorFlow's profiler (Keras/TF) or ONNX
+Runtime's session profiling. `ceiling` then splits the profile into matrix products and the rest and scales both to
+the measured wall time: the ratio ours would reach if everything but its matrix products took no time, and the time
+the rest would have to fit in for the target. JAX runs have no op profile here.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+# op types that are matrix products (GEMMs) in the runtimes' own names: aten::addmm / mm / bmm / matmul / linear,
+# mkldnn::_linear_pointwise, TensorFlow's _MklNativeFusedMatMul / BatchMatMulV2, ONNX MatMul / Gemm / FusedMatMul /
+# Einsum
+_MATMUL_PATTERN = re.compile(r"(mm|matmul|linear|gemm|einsum)", re.IGNORECASE)
+
+
+def is_matmul(op_type: str) -> bool:
+    return bool(_MATMUL_PATTERN.search(op_type))
+
+
+def _per_call(totals: Dict[str, float], calls: int) -> Dict[str, float]:
+    return {op: seconds * 1000 / calls for op, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def torch_op_profile(run: Callable[[], Any], calls: int = 3) -> Dict[str, float]:
+    """Self CPU milliseconds per call of each aten / mkldnn op while `run` runs."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run()
+    totals: Dict[str, float] = collections.Counter()
+    for event in prof.key_averages():
+        if event.self_cpu_time_total > 0:
+            totals[event.key] += event.self_cpu_time_total * 1e-6
+    return _per_call(totals, calls)
+
+
+def tf_kernel_events(xspace_path: str, scope: str = "tf_cvt") -> Iterable[Tuple[str, str, float]]:
+    """(op type, node name, seconds) of every TensorFlow kernel run under `scope` recorded in an XSpace file
+    (both transformers' TF model and ours name their layers tf_cvt...)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(xspace_path, "rb") as f:
+        space.ParseFromString(f.read())
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                metadata = plane.event_metadata[event.metadata_id]
+                # kernel events carry the node name (the layers' scopes) and the op type as display name
+                if metadata.display_name and scope in metadata.name:
+                    yield metadata.display_name, metadata.name, event.duration_ps * 1e-12
+
+
+def tf_op_profile(run: Callable[[], Any], calls: int = 3) -> Dict[str, float]:
+    """Kernel milliseconds per call of each TensorFlow op type while `run` runs (TensorFlow runs independent ops
+    concurrently, so they can add up to more than the wall time)."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            for _ in range(calls):
+                run()
+        finally:
+            tf.profiler.experimental.stop()
+        files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        totals: Dict[str, float] = collections.Counter()
+        for op_type, _, seconds in (tf_kernel_events(files[0]) if files else ()):
+            totals[op_type] += seconds
+    return _per_call(totals, calls)
+
+
+def onnx_op_profile(model_path: str, options, feed: Dict[str, Any], calls: int = 3) -> Dict[str, float]:
+    """Kernel milliseconds per call of each ONNX op type (after ONNX Runtime's graph optimisations) in a profiling
+    session made like the timed one."""
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder:
+        profiled = onnxruntime.SessionOptions()
+        profiled.intra_op_num_threads = options.intra_op_num_threads
+        profiled.enable_profiling = True
+        profiled.profile_file_prefix = os.path.join(folder, "ort")
+        session = onnxruntime.InferenceSession(model_path, profiled, providers=["CPUExecutionProvider"])
+        session.run(None, feed)  # the first run allocates: its events are left out below
+        for _ in range(calls):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"] if runs else None
+    totals: Dict[str, float] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            if first_end is not None and event["ts"] < first_end:
+                continue
+            totals[event["args"]["op_name"]] += event["dur"] * 1e-6
+    return _per_call(totals, calls)
+
+
+def timed_profile(profile: Callable[[], Dict[str, float]]) -> Dict[str, Any]:
+    start = time.perf_counter()
+    ops = profile()
+    return {"ops_ms": ops, "profile_s": time.perf_counter() - start}
+
+
+def ceiling(ours_ops: Dict[str, float], ours_ms: float, reference_ms: float, minimum: float) -> Dict[str, Any]:
+    """What the profile of ours says about a missed target. Op times are scaled to the measured wall time
+    `ours_ms` per batch (profilers add overhead, and concurrent ops can sum past the wall time): `matmul_ms`,
+    `other_ms`; `needed_ms` is ours' time per batch at the target; `matmul_only_ratio` the ratio if everything but
+    the matrix products took no time; `other_budget_ms` what the rest may take at the target with the matrix
+    products as fast as now (negative: out of reach without faster matrix products)."""
+    total = sum(ours_ops.values())
+    if not total or not ours_ms or not reference_ms:
+        return {}
+    scale = ours_ms / total
+    matmul_ms = scale * sum(ms for op, ms in ours_ops.items() if is_matmul(op))
+    needed_ms = reference_ms / minimum
+    return {
+        "matmul_ms": matmul_ms, "other_ms": ours_ms - matmul_ms, "needed_ms": needed_ms,
+        "matmul_only_ratio": reference_ms / matmul_ms if matmul_ms else None,
+        "other_budget_ms": needed_ms - matmul_ms,
+    }
+
+
+def describe(target: Dict[str, Any], profiles: Dict[str, Optional[Dict[str, Any]]], top: int = 8) -> str:
+    """The lines printed for a missed target: both profiles side by side (top op types) and the ceiling."""
+    lines = [f"{target['target']}: {target['ratio']:.2f}x, needs {target['minimum']:.2f}x"]
+    for role in ("ours", "reference"):
+        name = target[role]
+        profile = profiles.get(name)
+        if not profile or not profile.get("ops_ms"):
+            lines.append(f"  {name}: no op profile" + (f" ({profile.get('error')})" if profile else ""))
+            continue
+        ops = profile["ops_ms"]
+        total = sum(ops.values())
+        matmul = sum(ms for op, ms in ops.items() if is_matmul(op))
+        shown = ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:top])
+        lines.append(f"  {name}: profiled {total:.1f} ms per call, matrix products {100 * matmul / total:.0f}%; "
+                     f"top ops (ms): {shown}")
+    c = target.get("ceiling") or {}
+    if c:
+        lines.append(f"  ceiling: at the target ours would take {c['needed_ms']:.0f} ms per batch; its matrix products "
+                     f"take {c['matmul_ms']:.0f} ms of its {c['matmul_ms'] + c['other_ms']:.0f} ms now, so with "
+                     f"everything else free it would reach {c['matmul_only_ratio']:.2f}x, and everything else must "
+                     f"fit in {c['other_budget_ms']:.0f} ms (now {c['other_ms']:.0f} ms)")
+    return "\n".join(lines)
