@@ -1,6 +1,6 @@
 """CvT-13 side by side: transformers 4.57.6 against this library, PyTorch and Keras/TF, in one run.
 
-    python -m benchmarks.bench_inference            # full run (about 10-15 minutes on a 2-core CPU)
+    python -m benchmarks.bench_inference            # full run (about 16 minutes on a 2-core CPU)
     python -m benchmarks.bench_inference --quick    # smoke run (batch 8 only, few repetitions)
 
 Every implementation (see benchmarks/implementations.py) runs in its own worker process (benchmarks/workers.py)
@@ -11,7 +11,9 @@ The parent process only orchestrates: for each configuration it prepares (and wa
 runs repetitions in rotating order, so all candidates of a row see the same machine load, and reports medians
 (benchmarks/harness.py). It prints a table of ratios with the targets of the speed issue, and writes `results.json`
 and `results.png` to --out (default benchmarks/results/; benchmarks/report.py). Logits of every candidate are
-compared with the reference on the same input, so a speed-up that changed the numbers would show. A last section
+compared with the reference on the same input, so a speed-up that changed the numbers would show. A target the run
+misses is profiled right after its row, in each runtime's own profiler, and printed with the ceiling that profile
+gives (benchmarks/profiles.py). A last section
 runs ~100 real photos (scikit-image samples, augmented) through the float32 and bfloat16 models and reports top-1
 agreement and logit margins (benchmarks/agreement.py).
 """
