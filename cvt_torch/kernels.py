@@ -10,6 +10,7 @@ Under torch.jit tracing or scripting, torch.compile and torch.export every funct
 
 - `linear`: x W^T + b. Float32 with autograd: oneDNN forward and backward (`_OneDnnLinear`). Without autograd:
   oneDNN in float32 and, where the CPU supports it, bfloat16 (under CPU autocast in the autocast dtype).
+  `linear_gelu`: the same without autograd, with the exact GELU applied in the matmul's epilogue.
 - `attention`: softmax(scale q k^T) v over heads. Without autograd and dropout: blocked oneDNN matmuls for many
   keys, else F.scaled_dot_product_attention (float32) or plain matmuls (bfloat16); otherwise the public SDPA.
 - `channels_last`: whether a module should keep its token grid channels-last (no transposes copied) - the
@@ -133,6 +134,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return F.linear(x, weight, bias)
     return onednn_op()(x, weight, bias, "none", [], "")
+
+
+def _probe_linear_gelu(op) -> bool:
+    """Whether oneDNN's matmul with the exact (erf) GELU in its epilogue equals F.gelu(F.linear(...))."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(5, 7, generator=gen), torch.randn(3, 7, generator=gen), torch.randn(3, generator=gen)
+        return torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5)
+    except Exception:
+        return False
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """F.gelu(F.linear(x, weight, bias)) (exact GELU) as one oneDNN matmul with the GELU in its epilogue, which
+    saves a pass over the output: without autograd, where `linear` would run oneDNN. None where it would not (the
+    caller then runs the two ops)."""
+    if not onednn_serves(x) or needs_grad(x, weight, bias):
+        return None
+    op = onednn_op()
+    if "gelu" not in _ONEDNN:
+        _ONEDNN["gelu"] = _probe_linear_gelu(op)
+    if not _ONEDNN["gelu"]:
+        return None
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+        if not onednn_serves(x):
+            return None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return op(x, weight, bias, "gelu", [], "none")
 
 
 # Inference attention, by measurement on a 2-core AVX-512 CPU: with many keys, blocked oneDNN matmuls per image and

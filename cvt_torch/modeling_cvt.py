@@ -18,9 +18,13 @@ torch.compile and torch.export), all within float32 rounding of the plain ops (t
 - a BatchNorm that is not training is folded into its depthwise kernel (recomputed on each call, never stale);
 - without autograd on CPU the token grids stay channels-last (no transposes copied) and attention over many keys
   runs as blocked oneDNN matmuls;
+- the first MLP layer and its exact GELU run as one oneDNN matmul with the GELU in its epilogue (without autograd;
+  not when either module is replaced, patched or hooked);
 - the classifier outside training computes its last block for the cls token only (`cls_only`; the logits are
   bit for bit those of the full block).
-Hooks, replaced modules and patched forwards run where they are, on that one path.
+Hooks, replaced modules and patched forwards run where they are, on that one path. Two modules do not run as
+modules of their own there: a BatchNorm folded into its depthwise kernel, and the GELU and Linear of the MLP while
+no hook is registered on them (module-global hooks, `register_module_forward_hook`, do not see those two calls).
 """
 
 from __future__ import annotations
@@ -88,11 +92,38 @@ def _weighted_mean(per_sample: torch.Tensor, sample_weight, counted: Optional[to
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
-class CvtLinear(nn.Linear):
+class _NotesHooks:
+    """For the two modules that `CvtIntermediate` may compute as one kernel: a forward hook or forward pre-hook
+    registered on the module marks it `observed`, and `CvtIntermediate` then runs it as a module of its own (the mark
+    stays when the hook is removed; the two modules then simply run one after the other)."""
+
+    observed = False
+
+    def register_forward_hook(self, *args, **kwargs):
+        self.observed = True
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        self.observed = True
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+
+def _runs_as_defined(module: nn.Module, cls: type) -> bool:
+    """Whether calling `module` would just run `cls.forward`: exactly that class, no hook registered on it, no
+    forward patched onto the instance."""
+    return type(module) is cls and not module.observed and "forward" not in vars(module)
+
+
+class CvtLinear(_NotesHooks, nn.Linear):
     """nn.Linear (same parameters and names) computed by `kernels.linear`: oneDNN matmuls on CPU where they serve."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)
+
+
+class CvtGELU(_NotesHooks, nn.GELU):
+    """nn.GELU, the exact (erf) one by default, as transformers computes; `CvtIntermediate` may fold it into the
+    matmul before it."""
 
 
 class QuickGELU(nn.Module):
@@ -104,7 +135,7 @@ class QuickGELU(nn.Module):
 
 def make_activation(name: str) -> nn.Module:
     if name == "gelu":
-        return nn.GELU()  # exact erf GELU, as transformers computes
+        return CvtGELU()  # exact erf GELU, as transformers computes
     if name == "quick_gelu":
         return QuickGELU()
     raise ValueError(f"hidden_act={name!r} is unknown; choose 'gelu' or 'quick_gelu'")
@@ -329,7 +360,11 @@ class CvtAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- MLP and block
 class CvtIntermediate(nn.Module):
-    """First MLP layer, activation, and the original's dropout after the activation."""
+    """First MLP layer, activation, and the original's dropout after the activation.
+
+    With the exact GELU and without autograd, where oneDNN serves, the layer and its GELU run as one matmul with the
+    GELU in its epilogue (a pass over the MLP's widest tensor saved), unless either module is replaced, has a forward
+    patched onto it or has a hook registered on it: those run as modules of their own."""
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
@@ -338,7 +373,13 @@ class CvtIntermediate(nn.Module):
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.activation(self.dense(hidden)))
+        dense, activation = self.dense, self.activation
+        if (_runs_as_defined(dense, CvtLinear) and _runs_as_defined(activation, CvtGELU)
+                and activation.approximate == "none"):
+            activated = kernels.linear_gelu(hidden, dense.weight, dense.bias)
+            if activated is not None:
+                return self.dropout(activated)
+        return self.dropout(activation(dense(hidden)))
 
 
 class CvtOutput(nn.Module):

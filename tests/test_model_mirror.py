@@ -28,6 +28,8 @@ ONE_SIDED_CLASSES = {
     "CvtLinear": "an nn.Linear running cvt_torch.kernels' oneDNN matmul; Keras uses keras.layers.Dense, applied as "
                  "one fused MatMul + BiasAdd by _apply_dense",
     "QuickGELU": "PyTorch has no QuickGELU module; Keras computes the activation inside _apply_dense",
+    "CvtGELU": "an nn.GELU that notes hooks registered on it, so CvtIntermediate may run it in the matmul's epilogue; "
+               "Keras computes the activation inside _apply_dense (one fused MatMul + BiasAdd + GELU)",
     "TFCvtMainLayer": "transformers' TF layout: both Keras models hold the backbone as `cvt` (variable paths cvt/...), "
                       "where the PyTorch CvtModel holds `encoder` itself",
 }

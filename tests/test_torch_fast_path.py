@@ -218,6 +218,47 @@ def test_replaced_modules_and_patched_forwards_run_in_inference():
         assert torch.equal(model(x).logits, plain)
 
 
+def _ops_run(model, x):
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits = model(x).logits
+    return logits, {event.key for event in prof.key_averages()}
+
+
+@needs_onednn
+def test_mlp_matmul_and_exact_gelu_run_as_one_kernel_in_inference_unless_either_module_is_hooked():
+    model = random_model(CvtForImageClassification, FUSED_CONFIGS["tiny"], seed=21)
+    x = pixels(side=48)
+    _ops_run(model, x)  # the first call probes the fused kernel against F.gelu once per process
+    fused, ops = _ops_run(model, x)
+    assert "aten::gelu" not in ops  # every MLP's GELU ran inside its matmul
+    intermediate = model.cvt.encoder.stages[2].layers[1].intermediate
+    seen = {}
+    intermediate.dense.register_forward_pre_hook(lambda module, args: seen.setdefault("dense input", args[0]))
+    intermediate.activation.register_forward_hook(
+        lambda module, args, output: seen.update(pre=args[0], post=output))
+    hooked, ops = _ops_run(model, x)
+    assert "aten::gelu" in ops and set(seen) == {"dense input", "pre", "post"}
+    assert torch.allclose(seen["post"], torch.nn.functional.gelu(seen["pre"]), atol=0, rtol=0)
+    assert torch.allclose(hooked, fused, atol=1e-5)  # the two paths agree
+
+
+@needs_onednn
+def test_replaced_or_patched_mlp_activation_runs_as_given_in_inference():
+    model = random_model(CvtForImageClassification, FUSED_CONFIGS["tiny"], seed=22)
+    x = pixels(side=48)
+    intermediate = model.cvt.encoder.stages[2].layers[1].intermediate
+    with torch.no_grad():
+        exact = model(x).logits
+        intermediate.activation.approximate = "tanh"  # the same module, another GELU: not the fused exact one
+        tanh = model(x).logits
+        intermediate.activation.approximate = "none"
+        intermediate.activation = nn.GELU(approximate="tanh")  # a plain torch GELU in its place
+        assert torch.equal(model(x).logits, tanh)
+        intermediate.activation.forward = lambda hidden: torch.zeros_like(hidden)
+        zeroed = model(x).logits
+    assert (tanh - exact).abs().max() > 1e-6 and (zeroed - exact).abs().max() > 1e-4
+
+
 # ------------------------------------------------------------------------------------------------ same results
 @needs_onednn
 @pytest.mark.parametrize("config_name", sorted(FUSED_CONFIGS))
