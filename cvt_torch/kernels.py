@@ -126,14 +126,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
         if cast is None and x.dtype == torch.float32 and weight.dtype == torch.float32:
             return _OneDnnLinear.apply(x, weight, bias)
         return F.linear(x, weight, bias)
+    operands = _inference_operands(x, weight, bias)
+    if operands is None:
+        return F.linear(x, weight, bias)  # under autocast F.linear casts as it always does
+    return onednn_op()(*operands, "none", [], "")
+
+
+def _inference_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(x, weight, bias) as oneDNN computes them without autograd: in the autocast dtype under CPU autocast, else as
+    they are; None where oneDNN does not serve that dtype or the dtypes differ."""
+    cast = autocast_dtype(x.device.type)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
         if not onednn_serves(x):
-            return F.linear(x, weight, bias)
+            return None
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return F.linear(x, weight, bias)
-    return onednn_op()(x, weight, bias, "none", [], "")
+        return None
+    return x, weight, bias
 
 
 def _probe_linear_gelu(op) -> bool:
@@ -157,15 +167,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         _ONEDNN["gelu"] = _probe_linear_gelu(op)
     if not _ONEDNN["gelu"]:
         return None
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-        if not onednn_serves(x):
-            return None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return None
-    return op(x, weight, bias, "gelu", [], "none")
+    operands = _inference_operands(x, weight, bias)
+    return None if operands is None else op(*operands, "gelu", [], "none")
 
 
 # Inference attention, by measurement on a 2-core AVX-512 CPU: with many keys, blocked oneDNN matmuls per image and
