@@ -28,9 +28,10 @@ _ONEDNN: dict = {}
 
 
 def _probe_onednn_linear():
+    """(the oneDNN linear op or None, whether its exact-GELU epilogue equals F.gelu(F.linear(...)))."""
     try:
         if not torch.backends.mkldnn.is_available():
-            return None
+            return None, False
         op = torch.ops.mkldnn._linear_pointwise
         gen = torch.Generator().manual_seed(0)
         x, w = torch.randn(5, 7, generator=gen), torch.randn(3, 7, generator=gen)
@@ -38,15 +39,20 @@ def _probe_onednn_linear():
         ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
         ok = ok and torch.allclose(op(x.t().contiguous().t(), w.t().contiguous().t(), None, "none", [], ""),
                                    F.linear(x, w), atol=1e-5)
-        return op if ok else None
+        if not ok:
+            return None, False
     except Exception:  # an old or unusual build: F.linear everywhere
-        return None
+        return None, False
+    try:
+        return op, torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5)
+    except Exception:  # no GELU epilogue in this build: the GELU runs on its own
+        return op, False
 
 
 def onednn_op():
     """`torch.ops.mkldnn._linear_pointwise`, or None where it is missing or wrong."""
     if "op" not in _ONEDNN:
-        _ONEDNN["op"] = _probe_onednn_linear()
+        _ONEDNN["op"], _ONEDNN["gelu"] = _probe_onednn_linear()
         try:
             _ONEDNN["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except Exception:
@@ -121,9 +127,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     Without: oneDNN in float32 or bfloat16 (under CPU autocast in the autocast dtype, as F.linear would)."""
     if not onednn_serves(x):
         return F.linear(x, weight, bias)
-    cast = autocast_dtype(x.device.type)
     if needs_grad(x, weight, bias):
-        if cast is None and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        if autocast_dtype(x.device.type) is None and x.dtype == torch.float32 and weight.dtype == torch.float32:
             return _OneDnnLinear.apply(x, weight, bias)
         return F.linear(x, weight, bias)
     operands = _inference_operands(x, weight, bias)
@@ -146,29 +151,14 @@ def _inference_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return x, weight, bias
 
 
-def _probe_linear_gelu(op) -> bool:
-    """Whether oneDNN's matmul with the exact (erf) GELU in its epilogue equals F.gelu(F.linear(...))."""
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(5, 7, generator=gen), torch.randn(3, 7, generator=gen), torch.randn(3, generator=gen)
-        return torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5)
-    except Exception:
-        return False
-
-
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """F.gelu(F.linear(x, weight, bias)) (exact GELU) as one oneDNN matmul with the GELU in its epilogue, which
     saves a pass over the output: without autograd, where `linear` would run oneDNN. None where it would not (the
     caller then runs the two ops)."""
-    if not onednn_serves(x) or needs_grad(x, weight, bias):
-        return None
-    op = onednn_op()
-    if "gelu" not in _ONEDNN:
-        _ONEDNN["gelu"] = _probe_linear_gelu(op)
-    if not _ONEDNN["gelu"]:
-        return None
+    if not onednn_serves(x) or not _ONEDNN["gelu"] or needs_grad(x, weight, bias):
+        return None  # (onednn_serves ran the probes)
     operands = _inference_operands(x, weight, bias)
-    return None if operands is None else op(*operands, "gelu", [], "none")
+    return None if operands is None else onednn_op()(*operands, "gelu", [], "none")
 
 
 # Inference attention, by measurement on a 2-core AVX-512 CPU: with many keys, blocked oneDNN matmuls per image and
