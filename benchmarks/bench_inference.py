@@ -36,13 +36,11 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.agreement import photo_agreement  # noqa: E402
 from benchmarks.harness import Candidate, cores_in_use, run_group  # noqa: E402
 from benchmarks.implementations import IMAGE_SIZE, WORKER_KINDS, make_checkpoint  # noqa: E402
+from benchmarks.profiles import profile_key  # noqa: E402
 from benchmarks.report import missed_targets, result_row, summarise, write_results  # noqa: E402
 from benchmarks.workers import Worker, worker_main  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
 from cvt_core.macs import cvt_macs  # noqa: E402
-
-
-TRAINING_KINDS = {"hf-pt", "ours-pt", "hf-tf", "ours-keras", "ours-keras-jax"}  # the workers of the training rows
 
 
 def profile_missed_targets(cands: List[Candidate], section: str, batch: int, profiles: Dict[str, Dict[str, Any]],
@@ -52,11 +50,11 @@ def profile_missed_targets(cands: List[Candidate], section: str, batch: int, pro
     by_name = {c.name: c for c in cands}
     for target in missed_targets(section, batch, {c.name: c.images_per_s for c in cands}):
         for name in (target["ours"], target["reference"]):
-            key = f"{section}/{batch}/{name}"
+            key = profile_key(section, batch, name)
             if key in profiles:
                 continue
             cand = by_name[name]
-            reply = cand.worker.call(cmd="profile", key=cand.key)
+            reply = cand.worker.call(cmd="profile", key=cand.key, variant=cand.variant, batch=cand.batch)
             profiles[key] = reply if reply.get("ok") else {"error": reply.get("error")}
             log(f"    profiled {name} for the missed target {target['id']}"
                 + (f" ({reply['profile_s']:.0f} s)" if reply.get("ok") else f": {reply.get('error')}"))
@@ -222,17 +220,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         # real photos before the training rows (a TF training step changes the model in place until released)
         agreement = photo_agreement(workers, num_photos, workdir, log) if num_photos > 0 else {}
+        training_rows = []
+        if "pt" in frameworks:
+            training_rows.append(("PyTorch training step (forward, backward, AdamW)", "pt-train",
+                                  [("hf-pt", "train"), ("ours-pt", "train")]
+                                  + ([("ours-pt", "train-compiled")] if args.compiled_training else []),
+                                  "hf-pt:train"))
+        if "tf" in frameworks or "jax" in frameworks:
+            training_rows.append(("Keras/TF and Keras/JAX training step (forward, backward, AdamW)", "tf-train",
+                                  [("hf-tf", "train"), ("ours-keras", "train"), ("ours-keras-jax", "train")],
+                                  "hf-tf:train"))
         # the training rows need few workers and the most memory: the others quit first (on a 24 GiB machine all ten
         # processes and a training step do not fit, and the kernel's OOM killer would stop one mid-row)
-        for kind in set(workers) - TRAINING_KINDS:
+        for kind in set(workers) - {kind for _, _, spec, _ in training_rows for kind, _ in spec}:
             workers[kind].close(wait=False)
-        if "pt" in frameworks:
-            group("PyTorch training step (forward, backward, AdamW)", "pt-train", train_batch,
-                  [("hf-pt", "train"), ("ours-pt", "train")]
-                  + ([("ours-pt", "train-compiled")] if args.compiled_training else []), "hf-pt:train")
-        if "tf" in frameworks or "jax" in frameworks:
-            group("Keras/TF and Keras/JAX training step (forward, backward, AdamW)", "tf-train", train_batch,
-                  [("hf-tf", "train"), ("ours-keras", "train"), ("ours-keras-jax", "train")], "hf-tf:train")
+        for title, section, spec, reference in training_rows:
+            group(title, section, train_batch, spec, reference)
         result = summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,
                            args.quick, profiles)
         result["wall_s"] = time.perf_counter() - started

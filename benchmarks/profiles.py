@@ -25,6 +25,11 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 _MATMUL_PATTERN = re.compile(r"(mm|matmul|linear|gemm|einsum)", re.IGNORECASE)
 
 
+def profile_key(section: str, batch: int, candidate: str) -> str:
+    """How a run files the op profile of one candidate of one row."""
+    return f"{section}/{batch}/{candidate}"
+
+
 def is_matmul(op_type: str) -> bool:
     return bool(_MATMUL_PATTERN.search(op_type))
 

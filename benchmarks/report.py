@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from benchmarks.harness import compare_logits, library_versions, machine_facts
-from benchmarks.profiles import ceiling, describe
+from benchmarks.profiles import ceiling, describe, profile_key
 
 
 TARGETS = [
@@ -138,7 +138,7 @@ def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, ba
                   "paired_ratio": paired, "minimum": minimum, "status": status,
                   "note": (o or {}).get("error") or (r or {}).get("error")}
         if status == "FAIL":
-            found = {name: op_profiles.get(f"{section}/{row['batch']}/{name}")
+            found = {name: op_profiles.get(profile_key(section, row["batch"], name))
                      for name, row in ((ours, o), (ref, r))}
             target["profiles"] = found
             ours_profile = found[ours] or {}

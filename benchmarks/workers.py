@@ -93,8 +93,8 @@ def worker_main(kind: str, checkpoint: str, threads: Optional[int], workdir: str
                 reply({"ok": True, **peak_rss_mb()})
             elif cmd == "profile":  # op types of a prepared (variant, batch) and their ms per call
                 run = prepared[request["key"]]
-                variant, batch = request["key"].split("/")
-                reply({"ok": True, **profiles.timed_profile(lambda: impl.op_profile(run, variant, int(batch)))})
+                reply({"ok": True, **profiles.timed_profile(
+                    lambda: impl.op_profile(run, request["variant"], request["batch"]))})
             elif cmd == "matmul":
                 reply({"ok": True, "rates": impl.matmul_rates()})
             elif cmd == "logits":
