@@ -21,8 +21,9 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 # op types that are matrix products (GEMMs) in the runtimes' own names: aten::addmm / mm / bmm / matmul / linear,
 # mkldnn::_linear_pointwise, TensorFlow's _MklNativeFusedMatMul / BatchMatMulV2, ONNX MatMul / Gemm / FusedMatMul /
-# Einsum
-_MATMUL_PATTERN = re.compile(r"(mm|matmul|linear|gemm|einsum)", re.IGNORECASE)
+# Einsum; and the fused attention kernels (aten::_scaled_dot_product_*), whose two products are the work the MAC
+# count gives them (their softmax rides along)
+_MATMUL_PATTERN = re.compile(r"(mm|matmul|linear|gemm|einsum|scaled_dot_product)", re.IGNORECASE)
 
 
 def profile_key(section: str, batch: int, candidate: str) -> str:
@@ -121,23 +122,38 @@ def timed_profile(profile: Callable[[], Dict[str, float]]) -> Dict[str, Any]:
     return {"ops_ms": ops, "profile_s": time.perf_counter() - start}
 
 
-def ceiling(ours_ops: Dict[str, float], ours_ms: float, reference_ms: float, minimum: float) -> Dict[str, Any]:
+def ceiling(ours_ops: Dict[str, float], ours_ms: float, reference_ms: float, minimum: float,
+            matmul_gflop: Optional[float] = None, peak_gflops: Optional[float] = None) -> Dict[str, Any]:
     """What the profile of ours says about a missed target. Op times are scaled to the measured wall time
     `ours_ms` per batch (profilers add overhead, and concurrent ops can sum past the wall time): `matmul_ms`,
     `other_ms`; `needed_ms` is ours' time per batch at the target; `matmul_only_ratio` the ratio if everything but
     the matrix products took no time; `other_budget_ms` what the rest may take at the target with the matrix
-    products as fast as now (negative: out of reach without faster matrix products)."""
+    products as fast as now (negative: out of reach without faster matrix products).
+
+    Given the matrix products' work per batch (`matmul_gflop`, as ours executes it) and the measured matmul peak of
+    the runtime ours runs on (`peak_gflops`): `matmul_percent_of_peak` (how fast they run now), `matmul_at_peak_ms`,
+    `at_peak_ratio` (the ratio with the matrix products at that peak and the rest as now) and
+    `other_budget_at_peak_ms` (what the rest may take at the target then)."""
     total = sum(ours_ops.values())
     if not total or not ours_ms or not reference_ms:
         return {}
     scale = ours_ms / total
     matmul_ms = scale * sum(ms for op, ms in ours_ops.items() if is_matmul(op))
     needed_ms = reference_ms / minimum
-    return {
+    result = {
         "matmul_ms": matmul_ms, "other_ms": ours_ms - matmul_ms, "needed_ms": needed_ms,
         "matmul_only_ratio": reference_ms / matmul_ms if matmul_ms else None,
         "other_budget_ms": needed_ms - matmul_ms,
     }
+    if matmul_gflop and peak_gflops and matmul_ms:
+        at_peak_ms = 1000 * matmul_gflop / peak_gflops
+        result.update({
+            "matmul_gflop": matmul_gflop, "peak_gflops": peak_gflops,
+            "matmul_percent_of_peak": 100 * at_peak_ms / matmul_ms, "matmul_at_peak_ms": at_peak_ms,
+            "at_peak_ratio": reference_ms / (at_peak_ms + result["other_ms"]),
+            "other_budget_at_peak_ms": needed_ms - at_peak_ms,
+        })
+    return result
 
 
 def describe(target: Dict[str, Any], profiles: Dict[str, Optional[Dict[str, Any]]], top: int = 8) -> str:
@@ -161,4 +177,9 @@ def describe(target: Dict[str, Any], profiles: Dict[str, Optional[Dict[str, Any]
                      f"take {c['matmul_ms']:.0f} ms of its {c['matmul_ms'] + c['other_ms']:.0f} ms now, so with "
                      f"everything else free it would reach {c['matmul_only_ratio']:.2f}x, and everything else must "
                      f"fit in {c['other_budget_ms']:.0f} ms (now {c['other_ms']:.0f} ms)")
+        if c.get("at_peak_ratio"):
+            lines.append(f"  at its runtime's measured matmul peak ({c['peak_gflops']:.0f} GFLOP/s; now "
+                         f"{c['matmul_percent_of_peak']:.0f}% of it) its {c['matmul_gflop']:.1f} GFLOP of matrix "
+                         f"products would take {c['matmul_at_peak_ms']:.0f} ms: with the rest as now that is "
+                         f"{c['at_peak_ratio']:.2f}x, and the rest must fit in {c['other_budget_at_peak_ms']:.0f} ms")
     return "\n".join(lines)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from benchmarks.harness import compare_logits, library_versions, machine_facts
 from benchmarks.profiles import ceiling, describe, profile_key
+from cvt_core.macs import MATMUL_KINDS
 
 
 TARGETS = [
@@ -38,6 +39,16 @@ TARGETS = [
 
 
 ONNX_MATMUL = "onnxruntime MatMul fp32"
+
+# For the ceiling of a missed target: the measured matmul peaks (fp32, bf16) of the runtime each of our candidates
+# runs its matrix products on, and whether its inference forward runs the last block for the cls token alone (the
+# PyTorch classifier does, and so does its ONNX export; the Keras model runs every token).
+OURS_MATMUL_RUNTIMES = {
+    "ours-pt": ("oneDNN fp32 matmul", "torch.matmul bf16 (oneDNN)", True),
+    "ours-onnx": (ONNX_MATMUL, None, True),
+    "ours-keras": ("tf.matmul fp32", "tf.matmul bf16", False),
+    "ours-keras-jax": ("jax matmul fp32 (XLA)", "jax matmul bf16 (XLA)", False),
+}
 
 # bf16 top-1 agreement with fp32 on real photos, >= 99%: (id, description, ours, transformers' counterpart).
 # Judged on the retrieval head, whose classes (the photos) mean something with random weights; the random
@@ -105,11 +116,29 @@ def missed_targets(section: str, batch: int, images_per_s: Dict[str, Optional[fl
     return missed
 
 
+def matmul_work(candidate: str, batch: int, macs: Dict[str, int], cls_only_macs: Optional[Dict[str, int]],
+                rates: Dict[str, float]) -> Tuple[Optional[float], Optional[float]]:
+    """(GFLOP of matrix products that our `candidate` executes per batch, the matmul peak of its runtime in
+    GFLOP/s), or Nones where either is unknown. A training step counts 3x the forward's matrix products (the
+    backward computes two products per forward one)."""
+    name, _, variant = candidate.partition(":")
+    runtime = OURS_MATMUL_RUNTIMES.get(name.replace("-bf16", ""))
+    if runtime is None:
+        return None, None
+    fp32_peak, bf16_peak, runs_cls_only = runtime
+    peak = rates.get(bf16_peak if variant in ("bf16", "autocast") else fp32_peak)
+    counted = cls_only_macs if runs_cls_only and variant != "train" and cls_only_macs else macs
+    gflop = 2 * batch * sum(counted.get(kind, 0) for kind in MATMUL_KINDS) / 1e9
+    return (3 * gflop if variant == "train" else gflop) or None, peak
+
+
 def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,
-              quick: bool, op_profiles: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+              quick: bool, op_profiles: Optional[Dict[str, Dict[str, Any]]] = None,
+              cls_only_macs: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """The content of results.json (without the run's wall time and load, which the caller adds): the rows with
     their share of the matmul peaks, the targets with ratios and PASS/FAIL (a missed one with the op profiles of
-    its candidates and the ceiling they give), machine facts and versions."""
+    its candidates and the ceiling they give), machine facts and versions. `cls_only_macs`: the MAC count of the
+    classifiers that run the last block for the cls token alone (for the ceilings)."""
     op_profiles = op_profiles or {}
     onnx_peak = rates.get(ONNX_MATMUL)  # the ONNX rows run on ONNX Runtime's own GEMM (MLAS)
     fp32_peaks = {k: v for k, v in rates.items() if "fp32" in k and k != ONNX_MATMUL}
@@ -144,12 +173,14 @@ def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, ba
             ours_profile = found[ours] or {}
             if ours_profile.get("ops_ms"):
                 target["ceiling"] = ceiling(ours_profile["ops_ms"], 1000 * o["batch"] / o["images_per_s"],
-                                            1000 * r["batch"] / r["images_per_s"], minimum)
+                                            1000 * r["batch"] / r["images_per_s"], minimum,
+                                            *matmul_work(ours, o["batch"], macs, cls_only_macs, rates))
         targets.append(target)
     return {
         "machine": machine_facts(), "versions": library_versions(), "matmul_gflops": rates,
         "best_fp32_matmul_gflops": peak32, "best_bf16_matmul_gflops": peak16, "gmac_per_image": macs["total"] / 1e9,
-        "macs_by_kind": macs, "gflop_per_image": gflop_per_image, "batches": batches, "train_batch": train_batch,
+        "macs_by_kind": macs, "cls_only_macs_by_kind": cls_only_macs, "gflop_per_image": gflop_per_image,
+        "batches": batches, "train_batch": train_batch,
         "workers": {k: {"threads": w.info.get("threads"), "error": w.error, "load_s": w.info.get("load_s")}
                     for k, w in workers.items()},
         "rows": rows, "targets": targets, "peak_rss_mb": memory, "bf16_agreement": agreement,

@@ -12,17 +12,23 @@ from .config import CvtConfig
 from .shapes import stage_geometry
 
 MAC_KINDS = ("embedding", "qkv_conv", "qkv_linear", "attention", "out_proj", "mlp", "head")
+MATMUL_KINDS = ("qkv_linear", "attention", "out_proj", "mlp", "head")  # the rest are convolutions
 
 
-def cvt_macs(config: CvtConfig, height: int = 224, width: int = 224) -> Dict[str, int]:
+def cvt_macs(config: CvtConfig, height: int = 224, width: int = 224, cls_only: bool = False) -> Dict[str, int]:
     """Multiply-accumulates of one `height` x `width` image through CvT, by kind of operation, plus "total".
 
     Counts every matmul and convolution (conv token embeddings, depthwise q/k/v convolutions, q/k/v projections,
     attention scores and context, output projection, MLP, classifier); normalisations, activations, pooling and
-    the softmax are not counted. CvT-13 at 224 gives 4.57 GMAC, the paper's figure."""
+    the softmax are not counted. CvT-13 at 224 gives 4.57 GMAC, the paper's figure.
+
+    `cls_only`: the work a classifier that reads only the final cls token executes when the last block of a final
+    stage with a cls token runs for that token alone (the PyTorch models' inference path): that block's query
+    convolution, query projection, attention, output projection and MLP then see one token."""
     macs = dict.fromkeys(MAC_KINDS, 0)
     in_channels = config.num_channels
-    for geo in stage_geometry(config, height, width):
+    geometries = stage_geometry(config, height, width)
+    for geo in geometries:
         s = geo.stage
         dim, patch = config.embed_dim[s], config.patch_sizes[s]
         macs["embedding"] += geo.height * geo.width * dim * in_channels * patch * patch
@@ -40,6 +46,16 @@ def cvt_macs(config: CvtConfig, height: int = 224, width: int = 224) -> Dict[str
         }
         for kind, value in per_layer.items():
             macs[kind] += value * config.depth[s]
+        if cls_only and geo is geometries[-1] and config.cls_token[s] and config.depth[s] > 0:
+            last_block = {
+                "qkv_conv": conv_q if config.qkv_projection_method[s] == "dw_bn" else 0,
+                "qkv_linear": (queries - 1) * dim * dim,
+                "attention": 2 * (queries - 1) * keys * dim,
+                "out_proj": (queries - 1) * dim * dim,
+                "mlp": 2 * (geo.num_tokens - 1) * dim * config.mlp_hidden_dim(s),
+            }
+            for kind, saved in last_block.items():
+                macs[kind] -= saved
         in_channels = dim
     macs["head"] = config.hidden_size * max(config.num_labels, 0)
     macs["total"] = sum(macs.values())

@@ -41,6 +41,33 @@ def test_mac_count_equals_half_the_flops_torch_counts_in_transformers_model(conf
     assert cvt_macs(CvtConfig(**config), height, width)["total"] * 2 == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("config, height, width", [
+    (dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5), 64, 80),
+    (TINY_VARIANTS, 71, 53),
+], ids=["tiny-nonsquare", "tiny-variants"])
+def test_cls_only_mac_count_equals_half_the_flops_torch_counts_in_our_classifier_at_inference(config, height, width,
+                                                                                             monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cvt_torch import CvtForImageClassification, kernels
+
+    def counted_attention(query, key, value, num_heads, scale, dropout_p=0.0):
+        # the CPU SDPA kernel is not in FlopCounterMode's table: the same product as explicit matmuls
+        q, k, v = (kernels.split_heads(t, num_heads) for t in (query, key, value))
+        return kernels.merge_heads(torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v)
+
+    monkeypatch.setattr(kernels, "attention", counted_attention)
+    model = CvtForImageClassification(CvtConfig(**config)).eval()
+    kernels.onednn_op()  # its one-time probe runs small matmuls of its own, which must not be counted
+    # oneDNN off: the public ops run, which FlopCounterMode counts
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, height, width))
+    cls_only = cvt_macs(CvtConfig(**config), height, width, cls_only=True)
+    assert cls_only["total"] * 2 == counter.get_total_flops()
+    assert cls_only["total"] < cvt_macs(CvtConfig(**config), height, width)["total"]
+
+
 def test_mac_counter_imports_no_framework():
     code = ("import sys, cvt_core.macs; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules))")
@@ -90,6 +117,40 @@ def test_a_missed_target_carries_both_profiles_and_the_ceiling_they_give():
     assert "3.33x" in text and "matrix products 60%" in text and "matrix products 75%" in text
     passed = next(t for t in result["targets"] if t["id"] == "pt-fp32-b8")
     assert "ceiling" not in passed and "profiles" not in passed
+
+
+def test_a_missed_targets_ceiling_scales_the_matrix_products_ours_executes_to_its_runtimes_measured_peak():
+    from benchmarks.profiles import describe
+    from benchmarks.report import ONNX_MATMUL, summarise
+
+    rows = [_row("onnx-fp32", "hf-onnx:fp32", [1.0, 1.0, 1.0]), _row("onnx-fp32", "ours-onnx:fp32", [0.8, 0.8, 0.8])]
+    profiles = {"onnx-fp32/8/ours-onnx:fp32": {"ok": True, "ops_ms": {"MatMul": 60.0, "Softmax": 30.0, "Add": 10.0}}}
+    full, cls_only = {"mlp": 9_000_000_000, "total": 1}, {"mlp": 7_000_000_000, "qkv_linear": 500_000_000, "total": 1}
+    rates = {ONNX_MATMUL: 400.0, "oneDNN fp32 matmul": 800.0}
+    result = summarise(rows, {}, rates, full, 2e-9, {}, {}, [8], 4, quick=True, op_profiles=profiles,
+                       cls_only_macs=cls_only)
+    target = next(t for t in result["targets"] if t["id"] == "onnx-fp32-b8")
+    assert target["status"] == "FAIL"  # 1.25x, needs 1.3
+    c = target["ceiling"]
+    # the exported classifier runs the cls-only count: 2 * 8 images * 7.5 GMAC = 120 GFLOP, 300 ms at ONNX
+    # Runtime's 400 GFLOP/s against the 480 ms (60% of 800) the profile gives them now
+    assert c["matmul_gflop"] == pytest.approx(120.0) and c["peak_gflops"] == 400.0
+    assert c["matmul_at_peak_ms"] == pytest.approx(300.0) and c["matmul_percent_of_peak"] == pytest.approx(62.5)
+    assert c["at_peak_ratio"] == pytest.approx(1000 / (300 + 320))
+    assert c["other_budget_at_peak_ms"] == pytest.approx(1000 / 1.3 - 300)
+    assert "at its runtime's measured matmul peak (400 GFLOP/s; now 62% of it)" in describe(target, {})
+
+
+def test_matmul_work_counts_what_each_of_our_candidates_executes_on_its_own_runtime():
+    from benchmarks.report import matmul_work
+
+    full, cls_only = {"mlp": 1_000_000_000, "attention": 500_000_000, "embedding": 7}, {"mlp": 1_000_000_000}
+    rates = {"oneDNN fp32 matmul": 1.0, "torch.matmul bf16 (oneDNN)": 2.0, "tf.matmul bf16": 3.0}
+    assert matmul_work("ours-pt:fp32", 2, full, cls_only, rates) == (pytest.approx(4.0), 1.0)
+    assert matmul_work("ours-pt:autocast", 2, full, cls_only, rates) == (pytest.approx(4.0), 2.0)
+    assert matmul_work("ours-pt:train", 2, full, cls_only, rates) == (pytest.approx(18.0), 1.0)  # 3 x 6 GFLOP
+    assert matmul_work("ours-keras-bf16:bf16", 2, full, cls_only, rates) == (pytest.approx(6.0), 3.0)
+    assert matmul_work("hf-pt:fp32", 2, full, cls_only, rates) == (None, None)
 
 
 def test_torch_and_onnx_runtime_profiles_name_the_matrix_products_they_ran(tmp_path):
