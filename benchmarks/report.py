@@ -231,7 +231,9 @@ def print_table(result: Dict[str, Any]) -> None:
     print(f"{'target (ratio = ours img/s / reference img/s, medians)':<70s} {'ratio':>6s} {'paired':>6s} "
           f"{'need':>5s}  status")
     for t in result["targets"]:
-        print(f"{t['target']:<70s} {_fmt(t['ratio']):>6s} {_fmt(t.get('paired_ratio')):>6s} {t['minimum']:>5.1f}  "
+        # three decimals: a ratio just under its target must not print as the target
+        print(f"{t['target']:<70s} {_fmt(t['ratio'], '.3f'):>6s} {_fmt(t.get('paired_ratio'), '.3f'):>6s} "
+              f"{t['minimum']:>5.1f}  "
               f"{t['status']}"
               + (f"  ({t['note'][:60]})" if t["status"] == "n/a" and t.get("note") else ""))
     missed = [t for t in result["targets"] if t["status"] == "FAIL"]
