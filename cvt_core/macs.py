@@ -32,30 +32,28 @@ def cvt_macs(config: CvtConfig, height: int = 224, width: int = 224, cls_only: b
         s = geo.stage
         dim, patch = config.embed_dim[s], config.patch_sizes[s]
         macs["embedding"] += geo.height * geo.width * dim * in_channels * patch * patch
-        queries, keys = geo.num_query_tokens, geo.num_key_tokens
-        kernel = config.kernel_qkv[s]
+        keys, kernel = geo.num_key_tokens, config.kernel_qkv[s]
+        with_convolutions = config.qkv_projection_method[s] == "dw_bn"
         # the depthwise convolutions see the grid only; the cls token bypasses them
-        conv_q = geo.query_height * geo.query_width * dim * kernel * kernel
         conv_kv = geo.key_height * geo.key_width * dim * kernel * kernel
-        per_layer = {
-            "qkv_conv": (conv_q + 2 * conv_kv) if config.qkv_projection_method[s] == "dw_bn" else 0,
-            "qkv_linear": queries * dim * dim + 2 * keys * dim * dim,
-            "attention": 2 * queries * keys * dim,
-            "out_proj": queries * dim * dim,
-            "mlp": 2 * geo.num_tokens * dim * config.mlp_hidden_dim(s),
-        }
-        for kind, value in per_layer.items():
-            macs[kind] += value * config.depth[s]
-        if cls_only and geo is geometries[-1] and config.cls_token[s] and config.depth[s] > 0:
-            last_block = {
-                "qkv_conv": conv_q if config.qkv_projection_method[s] == "dw_bn" else 0,
-                "qkv_linear": (queries - 1) * dim * dim,
-                "attention": 2 * (queries - 1) * keys * dim,
-                "out_proj": (queries - 1) * dim * dim,
-                "mlp": 2 * (geo.num_tokens - 1) * dim * config.mlp_hidden_dim(s),
+
+        def block(queries: int, query_grid: int, tokens: int) -> Dict[str, int]:
+            """One block whose attention has `queries` queries (`query_grid` of them from the grid) and whose MLP
+            sees `tokens` tokens."""
+            return {
+                "qkv_conv": (query_grid * dim * kernel * kernel + 2 * conv_kv) if with_convolutions else 0,
+                "qkv_linear": queries * dim * dim + 2 * keys * dim * dim,
+                "attention": 2 * queries * keys * dim,
+                "out_proj": queries * dim * dim,
+                "mlp": 2 * tokens * dim * config.mlp_hidden_dim(s),
             }
-            for kind, saved in last_block.items():
-                macs[kind] -= saved
+
+        blocks = [block(geo.num_query_tokens, geo.query_height * geo.query_width, geo.num_tokens)] * config.depth[s]
+        if cls_only and geo is geometries[-1] and geo.with_cls_token and blocks:
+            blocks[-1] = block(1, 0, 1)  # the cls token alone queries; it skips the query convolution
+        for per_block in blocks:
+            for kind, value in per_block.items():
+                macs[kind] += value
         in_channels = dim
     macs["head"] = config.hidden_size * max(config.num_labels, 0)
     macs["total"] = sum(macs.values())
