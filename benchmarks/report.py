@@ -89,9 +89,15 @@ def _find(rows, section, batch, candidate):
     return None
 
 
+def flops_factor(variant: str) -> int:
+    """How many forward passes' worth of FLOPs one call of `variant` computes: a training step ("train",
+    "train-compiled") 3 (the backward computes two products per forward one), inference 1."""
+    return 3 if variant.startswith("train") else 1
+
+
 def result_row(cand, section: str, batch: int, reference: str, ref, gflop_per_image: float) -> Dict[str, Any]:
     """The results.json row of one timed candidate; `ref` is the candidate named `reference` (or None)."""
-    flops = gflop_per_image * (3 if cand.variant.startswith("train") else 1)
+    flops = gflop_per_image * flops_factor(cand.variant)
     return {
         "section": section, "batch": batch, "candidate": cand.name, "worker": cand.worker.kind,
         "variant": cand.variant, "error": cand.error, "median_s": cand.median,
@@ -119,17 +125,18 @@ def missed_targets(section: str, batch: int, images_per_s: Dict[str, Optional[fl
 def matmul_work(candidate: str, batch: int, macs: Dict[str, int], cls_only_macs: Optional[Dict[str, int]],
                 rates: Dict[str, float]) -> Tuple[Optional[float], Optional[float]]:
     """(GFLOP of matrix products that our `candidate` executes per batch, the matmul peak of its runtime in
-    GFLOP/s), or Nones where either is unknown. A training step counts 3x the forward's matrix products (the
-    backward computes two products per forward one)."""
+    GFLOP/s), or Nones where either is unknown. A training step runs every token (no cls-only block) and counts
+    `flops_factor` forward passes."""
     name, _, variant = candidate.partition(":")
     runtime = OURS_MATMUL_RUNTIMES.get(name.replace("-bf16", ""))
     if runtime is None:
         return None, None
     fp32_peak, bf16_peak, runs_cls_only = runtime
     peak = rates.get(bf16_peak if variant in ("bf16", "autocast") else fp32_peak)
-    counted = cls_only_macs if runs_cls_only and variant != "train" and cls_only_macs else macs
-    gflop = 2 * batch * sum(counted.get(kind, 0) for kind in MATMUL_KINDS) / 1e9
-    return (3 * gflop if variant == "train" else gflop) or None, peak
+    factor = flops_factor(variant)
+    counted = cls_only_macs if runs_cls_only and factor == 1 and cls_only_macs else macs
+    gflop = 2 * batch * factor * sum(counted.get(kind, 0) for kind in MATMUL_KINDS) / 1e9
+    return gflop or None, peak
 
 
 def summarise(rows, memory, rates, macs, gflop_per_image, agreement, workers, batches, train_batch,

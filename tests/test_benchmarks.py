@@ -149,6 +149,7 @@ def test_matmul_work_counts_what_each_of_our_candidates_executes_on_its_own_runt
     assert matmul_work("ours-pt:fp32", 2, full, cls_only, rates) == (pytest.approx(4.0), 1.0)
     assert matmul_work("ours-pt:autocast", 2, full, cls_only, rates) == (pytest.approx(4.0), 2.0)
     assert matmul_work("ours-pt:train", 2, full, cls_only, rates) == (pytest.approx(18.0), 1.0)  # 3 x 6 GFLOP
+    assert matmul_work("ours-pt:train-compiled", 2, full, cls_only, rates) == (pytest.approx(18.0), 1.0)
     assert matmul_work("ours-keras-bf16:bf16", 2, full, cls_only, rates) == (pytest.approx(6.0), 3.0)
     assert matmul_work("hf-pt:fp32", 2, full, cls_only, rates) == (None, None)
 
