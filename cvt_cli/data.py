@@ -11,6 +11,7 @@ the same split and the same preprocessing (the batches come from `cvt_core.batch
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -64,11 +65,25 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and not name.startswith("__")
 
 
+def _check_regular(path: str) -> None:
+    """Refuse an image name that is not a regular file (links are followed), from its metadata alone."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}, e.g. a dangling link)") from None
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+            "a device" if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a regular file"
+        raise DatasetError(f"{path}: is {kind}; only regular image files are read")
+
+
 def load_image_folder(root: Union[str, os.PathLike]) -> ImageDataset:
     """Every image under `root/<class name>/` (nested folders included), classes in sorted name order.
 
-    Raises `DatasetError` when the folder does not exist, holds fewer than two class folders, or a class folder
-    holds no image. Unreadable images are reported by `preprocess`, which opens them.
+    Raises `DatasetError` when the folder does not exist, holds fewer than two class folders, a class folder
+    holds no image, or an image name is not a regular file (a named pipe, a device, a dangling link: reading it
+    could block or never end). Unreadable images are reported by `preprocess`, which opens them through
+    `cvt_core.image_processing.read_image_file` (declared sizes bounded before decoding).
     """
     root = os.fspath(root)
     if not os.path.exists(root):
@@ -93,6 +108,8 @@ def load_image_folder(root: Union[str, os.PathLike]) -> ImageDataset:
             subfolders[:] = sorted(d for d in subfolders if _visible(d))
             files.extend(os.path.join(folder, n) for n in sorted(names)
                          if _visible(n) and n.lower().endswith(IMAGE_EXTENSIONS))
+        for path in files:
+            _check_regular(path)
         if not files:
             raise DatasetError(f"{os.path.join(root, name)}: class folder holds no images (looked for "
                                f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")

@@ -4,6 +4,15 @@ Field names and defaults are those of transformers' `CvtConfig` (4.57.6), so a t
 loads unchanged and ours loads in transformers. Additions: `hidden_act` ("gelu" as transformers computes, or
 "quick_gelu" as the released weights were trained), the documented alias `mlp_ratios`, presets, and validation
 that names the offending field instead of failing deep inside a layer.
+
+Validation is strict, for files and Python callers alike: `config.json` is read as a regular file of bounded size
+and parsed strictly (`cvt_core.untrusted`: nesting depth, no NaN, no duplicate keys); an int field takes an int
+(not a bool, not 3.7 nor 3.0), a bool field true or false (not "false", not 0/1), a number field a finite int or
+float; `id2label` keys are exactly the class ids 0..num_labels-1 (ints, or "0", "1", ... as JSON writes them) and
+`label2id` agrees with it. Last comes a size budget (`check_model_budget`): the parameter count and the activation
+elements of one image at `image_size` must stay within `Limits.MODEL_PARAMETERS` / `Limits.ACTIVATION_ELEMENTS`,
+so a config that fits every per-field bound but would allocate tens of GB is refused before any model is built.
+Every refusal is one line naming the field (or the figure and the limit).
 """
 
 from __future__ import annotations
@@ -13,9 +22,12 @@ import difflib
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import re
+import reprlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_write
+from .untrusted import Limits, open_regular_file, parse_json
 
 # Per-stage list fields, in transformers' order. Every one must have one entry per stage.
 PER_STAGE_FIELDS = (
@@ -81,6 +93,9 @@ MAX_IMAGE_SIZE = 16384  # image sides, and every kernel, stride and padding (non
 MAX_WIDTH = 1 << 16  # channels: num_channels, embed_dim and the MLP's hidden width
 MAX_DEPTH = 1024  # blocks per stage
 MAX_LABELS = 1 << 20
+MAX_STAGES = 16  # entries of every per-stage list (the released models have 3)
+MAX_NAME = 1024  # characters of hidden_act, problem_type and the pass-through strings; labels take Limits.JSON_STRING
+MAX_ARCHITECTURES = 64  # entries of `architectures`
 
 
 class CvtConfig:
@@ -127,12 +142,14 @@ class CvtConfig:
         if unknown:
             raise TypeError(f"CvtConfig got unknown field(s) {unknown}; known fields: {sorted(self.field_names())}")
         if "return_dict" in extra:
-            use_return_dict = bool(extra.pop("return_dict"))
-        extra.pop("model_type", None)
+            use_return_dict = extra.pop("return_dict")  # transformers' name; validate() checks it is a bool
+        model_type = extra.pop("model_type", "cvt")
+        if model_type != "cvt":
+            raise ValueError(f"model_type={_show(model_type)}: this is not a CvT config (expected 'cvt')")
         # The documented transformers name is `mlp_ratios` but transformers reads only `mlp_ratio`; accept both,
         # refuse a contradiction.
-        if mlp_ratios is not None and mlp_ratio is not None and list(mlp_ratios) != list(mlp_ratio):
-            raise ValueError(f"mlp_ratio={list(mlp_ratio)} and its alias mlp_ratios={list(mlp_ratios)} disagree; pass one")
+        if mlp_ratios is not None and mlp_ratio is not None and _as_list(mlp_ratios) != _as_list(mlp_ratio):
+            raise ValueError(f"mlp_ratio={_show(mlp_ratio)} and its alias mlp_ratios={_show(mlp_ratios)} disagree; pass one")
         if mlp_ratio is None:
             mlp_ratio = mlp_ratios if mlp_ratios is not None else (4.0, 4.0, 4.0)
 
@@ -160,29 +177,30 @@ class CvtConfig:
         self.hidden_act = hidden_act
         self.image_size = image_size
         self.problem_type = problem_type
-        self.output_hidden_states = bool(output_hidden_states)
-        self.output_attentions = bool(output_attentions)
-        self.use_return_dict = bool(use_return_dict)
+        # stored as given: validate() refuses anything but true / false (a JSON "false" is a string, not False)
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.use_return_dict = use_return_dict
         self.extra = dict(extra)
         self._set_labels(num_labels, id2label, label2id)
         self.validate()
 
     # ------------------------------------------------------------------ labels
     def _set_labels(self, num_labels, id2label, label2id) -> None:
+        """Check and store the label maps: `id2label` keys are exactly the class ids 0..n-1 (ints, or their decimal
+        strings as JSON writes them), its values strings; `label2id`, when given, agrees with it."""
+        if num_labels is not None:
+            _check_num_labels(num_labels)
         if id2label is not None:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            id2label = _checked_id2label(id2label)
             if num_labels is not None and num_labels != len(id2label):
                 raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries; make them agree")
         else:
             # transformers' default: two labels named LABEL_0, LABEL_1
-            n = 2 if num_labels is None else int(num_labels)
-            if n < 0:
-                raise ValueError(f"num_labels must be >= 0, got {num_labels}")
-            if n > MAX_LABELS:
-                raise ValueError(f"num_labels must be at most {MAX_LABELS}, got {num_labels}")
+            n = 2 if num_labels is None else num_labels
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
-        self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {v: k for k, v in id2label.items()}
+        self.label2id = _checked_label2id(label2id, id2label) if label2id else {v: k for k, v in id2label.items()}
 
     @property
     def num_labels(self) -> int:
@@ -190,7 +208,8 @@ class CvtConfig:
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:
-        self._set_labels(int(value), None, None)
+        _check_num_labels(value)
+        self._set_labels(value, None, None)
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -225,19 +244,24 @@ class CvtConfig:
         return list(_SERIALISED_FIELDS) + ["num_labels", "id2label", "label2id", "mlp_ratios"]
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the first inconsistent field and its value."""
+        """Raise `ValueError` naming the first wrong field and its value (one line), then `ModelTooLargeError` when
+        the model would exceed `Limits.MODEL_PARAMETERS` or one image `Limits.ACTIVATION_ELEMENTS` (see
+        `check_model_budget`). Types are strict, as a JSON file states them: an int field takes an int (not a bool, not
+        3.0), a bool field true or false (not "false", not 0), a number field a finite int or float."""
         _check_int("num_channels", self.num_channels, minimum=1, maximum=MAX_WIDTH)
         for name in PER_STAGE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, list) or not value:
-                raise ValueError(f"{name} must be a non-empty list with one entry per stage, got {value!r}")
+                raise ValueError(f"{name} must be a non-empty list with one entry per stage, got {_show(value)}")
+            if len(value) > MAX_STAGES:
+                raise ValueError(f"{name} has {len(value)} entries; at most {MAX_STAGES} stages are accepted")
         lengths = {name: len(getattr(self, name)) for name in PER_STAGE_FIELDS}
         n = lengths["depth"]
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} has {length} entries but depth={self.depth!r} has {n}: every per-stage "
-                    f"list needs one entry per stage"
+                    f"{name}={_show(getattr(self, name))} has {length} entries but depth={_show(self.depth)} has {n}: "
+                    f"every per-stage list needs one entry per stage"
                 )
         for stage in range(n):
             for name in ("patch_sizes", "patch_stride", "kernel_qkv", "stride_kv", "stride_q"):
@@ -252,8 +276,8 @@ class CvtConfig:
                     f"embed_dim[{stage}]={self.embed_dim[stage]} is not divisible by num_heads[{stage}]={self.num_heads[stage]}"
                 )
             ratio = self.mlp_ratio[stage]
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-                raise ValueError(f"mlp_ratio[{stage}] must be a positive number, got {ratio!r}")
+            if not _is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+                raise ValueError(f"mlp_ratio[{stage}] must be a positive number, got {_show(ratio)}")
             if self.mlp_hidden_dim(stage) < 1:
                 raise ValueError(f"mlp_ratio[{stage}]={ratio} gives an MLP of width 0 for embed_dim[{stage}]={self.embed_dim[stage]}")
             if self.mlp_hidden_dim(stage) > MAX_WIDTH:
@@ -261,14 +285,15 @@ class CvtConfig:
                                  f"embed_dim[{stage}]={self.embed_dim[stage]}; the most is {MAX_WIDTH}")
             for name in ("attention_drop_rate", "drop_rate", "drop_path_rate"):
                 rate = getattr(self, name)[stage]
-                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate < 1.0):
-                    raise ValueError(f"{name}[{stage}] must be in [0, 1), got {rate!r}")
+                if not _is_number(rate):
+                    raise ValueError(f"{name}[{stage}] must be a number in [0, 1), got {_show(rate)}")
+                if not (0.0 <= rate < 1.0):
+                    raise ValueError(f"{name}[{stage}] must be in [0, 1), got {_show(rate)}")
             for name in ("qkv_bias", "cls_token"):
-                if not isinstance(getattr(self, name)[stage], bool):
-                    raise ValueError(f"{name}[{stage}] must be true or false, got {getattr(self, name)[stage]!r}")
+                _check_bool(f"{name}[{stage}]", getattr(self, name)[stage])
             method = self.qkv_projection_method[stage]
-            if method not in PROJECTION_METHODS:
-                raise ValueError(f"qkv_projection_method[{stage}]={method!r} is unknown; choose one of {list(PROJECTION_METHODS)}")
+            if not isinstance(method, str) or method not in PROJECTION_METHODS:
+                raise ValueError(f"qkv_projection_method[{stage}]={_show(method)} is unknown; choose one of {list(PROJECTION_METHODS)}")
             if method == "avg" and 2 * self.padding_kv[stage] > self.kernel_qkv[stage]:
                 # average pooling (PyTorch's and the original's) cannot pad more than half its window
                 raise ValueError(
@@ -282,18 +307,57 @@ class CvtConfig:
                     f"kernel_qkv[{stage}]={self.kernel_qkv[stage]} would change the query grid, which the residual connection "
                     f"cannot add back: use stride_q 1 and padding_q (kernel_qkv - 1) / 2 with an odd kernel_qkv"
                 )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is unknown; choose one of {list(ACTIVATIONS)}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type={self.problem_type!r} is unknown; choose one of {list(PROBLEM_TYPES)} or None")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={_show(self.hidden_act)} is unknown; choose one of {list(ACTIVATIONS)}")
+        if self.problem_type is not None and (not isinstance(self.problem_type, str) or self.problem_type not in PROBLEM_TYPES):
+            raise ValueError(f"problem_type={_show(self.problem_type)} is unknown; choose one of {list(PROBLEM_TYPES)} or None")
         if self.image_size is not None:
-            sizes = self.image_size if isinstance(self.image_size, (list, tuple)) else [self.image_size]
-            if len(sizes) not in (1, 2):
-                raise ValueError(f"image_size must be an int or [height, width], got {self.image_size!r}")
-            for side in sizes:
-                _check_int("image_size", side, minimum=1, maximum=MAX_IMAGE_SIZE)
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"initializer_range must be a non-negative number, got {self.initializer_range!r}")
+            if isinstance(self.image_size, (list, tuple)):
+                if len(self.image_size) not in (1, 2) or any(isinstance(side, bool) or not isinstance(side, int)
+                                                             for side in self.image_size):
+                    raise ValueError(f"image_size must be an int or [height, width] (integers), got "
+                                     f"{_show(self.image_size)}")
+                for side in self.image_size:
+                    _check_int("image_size", side, minimum=1, maximum=MAX_IMAGE_SIZE, accepted="an int or [height, width]")
+            else:
+                _check_int("image_size", self.image_size, minimum=1, maximum=MAX_IMAGE_SIZE, accepted="an int or [height, width]")
+        _check_finite("initializer_range", self.initializer_range)
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be a non-negative number, got {_show(self.initializer_range)}")
+        _check_finite("layer_norm_eps", self.layer_norm_eps)
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be a positive number, got {_show(self.layer_norm_eps)}")
+        for name in ("output_hidden_states", "output_attentions"):
+            _check_bool(name, getattr(self, name))
+        _check_bool("use_return_dict (return_dict)", self.use_return_dict)
+        self._validate_labels()
+        self._validate_extra()
+        check_model_budget(self)
+
+    def _validate_labels(self) -> None:
+        """The label maps again, for attributes set after construction (`config.id2label = {...}`)."""
+        id2label = self.id2label
+        if not isinstance(id2label, dict):
+            raise ValueError(f"id2label must be a mapping from the class ids 0..n-1 to label strings, got {_show(id2label)}")
+        if id2label and not all(type(k) is int for k in id2label):
+            self.id2label = id2label = _checked_id2label(id2label)
+        else:
+            _checked_id2label(id2label)
+        _checked_label2id(self.label2id, id2label)
+
+    def _validate_extra(self) -> None:
+        """The pass-through keys transformers writes: strings (or null), `architectures` a list of strings."""
+        for key, value in self.extra.items():
+            if key == "architectures":
+                if value is None:
+                    continue
+                if not isinstance(value, (list, tuple)) or len(value) > MAX_ARCHITECTURES:
+                    raise ValueError(f"architectures must be a list of at most {MAX_ARCHITECTURES} class names or null, "
+                                     f"got {_show(value)}")
+                for i, name in enumerate(value):
+                    _check_name(f"architectures[{i}]", name)
+            elif value is not None:
+                _check_name(key, value, "a string or null")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
@@ -319,36 +383,38 @@ class CvtConfig:
         # transformers writes many generic PretrainedConfig keys; keep only what a CvT model can use. Overrides are
         # typed by the caller, so an unknown one is a misspelling, not a file's baggage: refuse it.
         check_overrides(overrides)
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object (a dict), got {type(data).__name__}")
         known = _accepted_keys()
         data = dict(data)
         data.update(overrides)
         model_type = data.pop("model_type", "cvt")
         if model_type != "cvt":
-            raise ValueError(f"model_type={model_type!r}: this is not a CvT config (expected 'cvt')")
+            raise ValueError(f"model_type={_show(model_type)}: this is not a CvT config (expected 'cvt')")
         kwargs = {k: v for k, v in data.items() if k in known}
-        if "num_labels" in kwargs and "id2label" in kwargs and kwargs["num_labels"] != len(kwargs["id2label"]):
+        if ("num_labels" in kwargs and isinstance(kwargs.get("id2label"), dict)
+                and kwargs["num_labels"] != len(kwargs["id2label"])):
             # A user override of num_labels wins over a stored label map (transformers behaves the same way).
             if "num_labels" in overrides:
                 kwargs.pop("id2label")
                 kwargs.pop("label2id", None)
+        if "id2label" in overrides and "label2id" not in overrides:
+            kwargs.pop("label2id", None)  # a new label map alone: its inverse follows it, not the stored one
         return cls(**kwargs)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "CvtConfig":
+        """Read a `config.json`: a regular file of at most `Limits.JSON_BYTES`, strict JSON (see
+        `cvt_core.untrusted.parse_json`: nesting, NaN, duplicate keys), holding an object. Every problem is one line
+        naming the file: `FileNotFoundError` when it is missing, `ValueError` otherwise."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a config.json (binary content, e.g. a weights file); pass the folder "
-                             f"that holds config.json") from None
+        data = parse_json(_read_config_bytes(path), path, ValueError)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config.json must hold a JSON object")
-        return cls.from_dict(data, **overrides)
+            raise ValueError(f"{path}: a config.json must hold a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data, **overrides)
+        except ValueError as exc:  # a field's problem, named with the file it is in (same class: ModelTooLargeError)
+            raise type(exc)(f"{path}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "CvtConfig":
@@ -449,11 +515,215 @@ def _as_list(value: Any) -> Any:
     return value  # validate() reports non-lists with the field's name
 
 
-def _check_int(name: str, value: Any, minimum: int, maximum: int) -> None:
+# ------------------------------------------------------------------------------------------------ field checks
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = 6
+_REPR.maxdict = 4
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """A value as a message shows it: its repr, shortened (a label list or a 1 MB string stays one short line)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # pragma: no cover - a repr that fails
+        return f"<{type(value).__name__}>"
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool (JSON true is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int, accepted: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        also = f" ({accepted})" if accepted else ""
+        raise ValueError(f"{name} must be an integer{also}, got {_show(value)}")
     if value < minimum:
         kind = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {kind}, got {value}")
     if value > maximum:
         raise ValueError(f"{name} must be at most {maximum}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {_show(value)}")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {_show(value)}")
+
+
+def _check_name(name: str, value: Any, accepted: str = "a string") -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be {accepted}, got {_show(value)}")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"{name} is a string of {len(value)} characters; at most {MAX_NAME} are accepted")
+
+
+def _check_num_labels(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"num_labels must be an integer, got {_show(value)}")
+    if value < 0:
+        raise ValueError(f"num_labels must be >= 0, got {value}")
+    if value > MAX_LABELS:
+        raise ValueError(f"num_labels must be at most {MAX_LABELS}, got {value}")
+
+
+_CLASS_ID = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+def _class_id(field: str, key: Any) -> int:
+    """A label map's class id: an int, or its decimal string as JSON object keys hold it ("0", "1", ...; not "01",
+    " 1" or "1.0", which transformers' int() would also read)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and _CLASS_ID.fullmatch(key):
+        return int(key)
+    raise ValueError(f"{field} has the class id {_show(key)}; class ids are the integers 0..num_labels-1 "
+                     f"(written \"0\", \"1\", ... in config.json)")
+
+
+def _checked_id2label(id2label: Any) -> Dict[int, str]:
+    """`id2label` with int keys in class order, after checking its keys are exactly 0..n-1 (once each) and its
+    values label strings."""
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a mapping from the class ids 0..n-1 to label strings, got {_show(id2label)}")
+    if len(id2label) > MAX_LABELS:
+        raise ValueError(f"id2label has {len(id2label)} entries; at most {MAX_LABELS} classes are accepted")
+    n = len(id2label)
+    out: Dict[int, str] = {}
+    for key, value in id2label.items():
+        index = _class_id("id2label", key)
+        if index in out:
+            raise ValueError(f"id2label names class {index} twice (key {_show(key)}); each class id 0..{n - 1} needs "
+                             f"exactly one label")
+        if not 0 <= index < n:
+            raise ValueError(f"id2label has the class id {_show(key)} but {n} labels are class ids 0..{n - 1}: each "
+                             f"class id 0..{n - 1} needs exactly one label")
+        if not isinstance(value, str):
+            raise ValueError(f"id2label[{_show(key)}] must be a label string, got {_show(value)}")
+        if len(value) > Limits.JSON_STRING:
+            raise ValueError(f"id2label[{_show(key)}] is a label of {len(value)} characters; at most "
+                             f"{Limits.JSON_STRING} are accepted")
+        out[index] = value
+    return {i: out[i] for i in range(n)}  # n distinct ids within 0..n-1: every id is present
+
+
+def _checked_label2id(label2id: Any, id2label: Dict[int, str]) -> Dict[str, int]:
+    """`label2id` with int values, after checking each entry agrees with `id2label` (a label named twice in
+    id2label, like ImageNet's "crane", maps to one of its ids; labels may be left out)."""
+    if not isinstance(label2id, dict):
+        raise ValueError(f"label2id must be a mapping from label strings to class ids, got {_show(label2id)}")
+    if len(label2id) > len(id2label):
+        raise ValueError(f"label2id has {len(label2id)} entries but there are {len(id2label)} classes; it must agree "
+                         f"with id2label (leave label2id out to derive it)")
+    out: Dict[str, int] = {}
+    for name, value in label2id.items():
+        if not isinstance(name, str):
+            raise ValueError(f"label2id keys must be label strings, got {_show(name)}")
+        index = _class_id(f"label2id[{_show(name)}]", value)
+        if id2label.get(index) != name:
+            shown = "no class" if index not in id2label else f"id2label[{index}]={_show(id2label[index])}"
+            raise ValueError(f"label2id[{_show(name)}]={_show(value)} disagrees with id2label ({shown}); the two "
+                             f"maps must agree (leave label2id out to derive it from id2label)")
+        out[name] = index
+    return out
+
+
+def _read_config_bytes(path: str) -> bytes:
+    """The bytes of a config file: a regular file (a FIFO or device is refused without blocking) of at most
+    `Limits.JSON_BYTES`; a binary file (a weights file given by mistake) is named as such from its first bytes."""
+    import codecs
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    with open_regular_file(path, ValueError) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(4096)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            binary = b"\0" in head
+        except UnicodeDecodeError:
+            binary = True
+        if binary:
+            raise ValueError(f"{path}: not a config.json (binary content, e.g. a weights file); pass the folder that "
+                             f"holds config.json")
+        if size > Limits.JSON_BYTES:
+            raise ValueError(f"{path}: a config file of {size} bytes is larger than the {Limits.JSON_BYTES} accepted")
+        data = head + f.read(Limits.JSON_BYTES + 1 - len(head))
+    if len(data) > Limits.JSON_BYTES:
+        raise ValueError(f"{path}: the config file grew past the {Limits.JSON_BYTES} bytes accepted while it was read")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ model budget
+class ModelTooLargeError(ValueError):
+    """A config whose model would need more parameters or activation memory than `Limits` accepts."""
+
+
+def parameter_count(config: CvtConfig, with_head: bool = True) -> int:
+    """Trainable parameters of the model `config` describes, in closed form (no weight table is built): equal to
+    `cvt_core.weights.count_parameters`, e.g. 19,997,480 for cvt-13 with 1000 labels."""
+    total = 0
+    for s in range(config.num_stages):
+        c, c_in, k = config.embed_dim[s], config.stage_in_channels(s), config.patch_sizes[s]
+        hidden, kq = config.mlp_hidden_dim(s), config.kernel_qkv[s]
+        total += (c if config.cls_token[s] else 0) + c * c_in * k * k + c + 2 * c
+        layer = 3 * (c * c + (c if config.qkv_bias[s] else 0)) + (c * c + c) + (hidden * c + hidden) + (c * hidden + c)
+        layer += 4 * c  # two LayerNorms
+        if config.qkv_projection_method[s] == "dw_bn":
+            layer += 3 * (c * kq * kq + 2 * c)  # depthwise kernels and BatchNorm weight / bias
+        total += config.depth[s] * layer
+    if with_head:
+        total += 2 * config.hidden_size
+        labels = config.num_labels
+        if labels > 0:
+            total += labels * config.hidden_size + labels
+    return total
+
+
+def activation_elements(config: CvtConfig) -> Tuple[int, str]:
+    """Activation elements one image at the config's `image_size` (224 when unset) needs at the widest point, and
+    where that is: the larger of the input image and, for each stage, its tokens times its widest layer (embed_dim
+    or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens)."""
+    from .shapes import partial_stage_geometry  # shapes imports this module
+
+    size = config.image_size if config.image_size is not None else DEFAULT_IMAGE_SIZE
+    height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
+    worst = height * width * config.num_channels
+    where = f"the {height}x{width} input image"
+    for geo in partial_stage_geometry(config, height, width):
+        s = geo.stage
+        widest = max(config.embed_dim[s], config.mlp_hidden_dim(s))
+        maps = config.num_heads[s] * geo.num_query_tokens * geo.num_key_tokens
+        elements = geo.num_tokens * widest + maps
+        if elements > worst:
+            worst = elements
+            where = (f"stage {s} of a {height}x{width} image: {geo.num_tokens:,} tokens of width {widest:,} and "
+                     f"{config.num_heads[s]} attention maps of {geo.num_query_tokens:,}x{geo.num_key_tokens:,}")
+    return worst, where
+
+
+def check_model_budget(config: CvtConfig) -> None:
+    """Raise `ModelTooLargeError` (one line, the figure and the limit) when the model would hold more than
+    `Limits.MODEL_PARAMETERS` parameters or one image would need more than `Limits.ACTIVATION_ELEMENTS` activation
+    elements; called by `validate`, so before any model allocates a weight."""
+    parameters = parameter_count(config)
+    if parameters > Limits.MODEL_PARAMETERS:
+        raise ModelTooLargeError(
+            f"the model would have {parameters:,} parameters ({parameters * 4 / 1e9:.1f} GB in float32); at most "
+            f"{Limits.MODEL_PARAMETERS:,} are accepted (lower embed_dim, depth, mlp_ratio or num_labels)")
+    elements, where = activation_elements(config)
+    if elements > Limits.ACTIVATION_ELEMENTS:
+        raise ModelTooLargeError(
+            f"one image would need {elements:,} activation elements ({elements * 4 / 1e9:.1f} GB in float32) in "
+            f"{where}; at most {Limits.ACTIVATION_ELEMENTS:,} are accepted (lower image_size or embed_dim, or raise "
+            f"patch_stride or stride_kv)")

@@ -20,6 +20,13 @@ grey and RGBA/LA/P PIL images and grey or 4-channel arrays (transformers raises 
 first, as `load_image` / `do_convert_rgb` do in transformers), and file paths (read as transformers'
 `load_image` reads them: EXIF orientation applied, then converted to RGB).
 
+Untrusted input is bounded (`cvt_core.untrusted.Limits`): every image file, here and in the other readers (`cvt
+predict`, `cvt train --data`, the conversion cross-check), is read by `read_image_file`, which opens regular files
+only, checks the size the header declares (``IMAGE_PIXELS`` pixels, ``IMAGE_SIDE`` a side) before decoding and
+turns Pillow's errors into one `ImageLoadError` line naming the file; a resize whose output would exceed the same
+bounds (a 1 x 60000 strip brought to a short side of 256) raises `ImageTooLargeError`; ``preprocessor_config.json``
+is strict JSON with typed settings, ``shortest_edge`` and the resized short side at most `MAX_SIDE` (8192).
+
 Neither PyTorch nor TensorFlow is imported unless ``return_tensors`` asks for their tensors.
 """
 
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import struct
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -34,6 +43,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .filenames import PREPROCESSOR_CONFIG_NAME
+from .untrusted import Limits, check_regular_file, load_json_file, open_regular_file
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +55,9 @@ __all__ = [
     "ImageBatch",
     "HighBitDepthError",
     "ImageLoadError",
+    "ImageTooLargeError",
+    "read_image_file",
+    "check_image_size",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "PREPROCESSOR_CONFIG_NAME",
@@ -96,6 +109,11 @@ class ImageLoadError(ValueError):
     """An image file could not be read or decoded; the message names the file."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image (a file's header, or an image resized as the settings ask) larger than `Limits.IMAGE_PIXELS`
+    pixels or `Limits.IMAGE_SIDE` pixels a side; refused before the pixels are decoded or allocated."""
+
+
 class ImageBatch(dict):
     """The processor's output: a dict with ``"pixel_values"``, also readable as ``batch.pixel_values``."""
 
@@ -123,33 +141,74 @@ def _resample_id(resample: Any) -> int:
     return int(value)
 
 
+def _show(value: Any) -> str:
+    """A value as an error message shows it: its repr, shortened to one short line."""
+    text = repr(value) if not isinstance(value, (list, tuple, dict)) or len(value) <= 8 else \
+        f"<{type(value).__name__} of {len(value)} entries>"
+    text = text.replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool (JSON true is no number) nor a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A switch: true or false (a JSON "false" string or a 0 is refused, not read as a truth value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {_show(value)}")
+    return bool(value)
+
+
+def _finite_positive(name: str, value: Any) -> float:
+    if not _is_number(value) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {_show(value)}")
+    return float(value)
+
+
+# The largest square the processor may produce (shortest_edge, and the short side it resizes to): its pixels fit
+# Limits.IMAGE_PIXELS. 8192 for the 64 Mi pixels accepted.
+MAX_SIDE = min(Limits.IMAGE_SIDE, int(Limits.IMAGE_PIXELS ** 0.5))
+
+
 def _shortest_edge(size: Any) -> int:
-    """`224` or `{"shortest_edge": 224}` (transformers' two spellings) -> 224."""
+    """`224` or `{"shortest_edge": 224}` (transformers' two spellings) -> 224; at most `MAX_SIDE`."""
     if isinstance(size, dict):
         if set(size) != {"shortest_edge"}:
             raise ValueError(
-                f"size={size!r}: this processor (like transformers' ConvNextImageProcessor) takes "
+                f"size={_show(size)}: this processor (like transformers' ConvNextImageProcessor) takes "
                 '{"shortest_edge": n} only; height/width sizes are not supported'
             )
         size = size["shortest_edge"]
     if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or int(size) < 1:
-        raise ValueError(f"size must be a positive int or {{'shortest_edge': n}}, got {size!r}")
+        raise ValueError(f"size must be a positive int or {{'shortest_edge': n}}, got {_show(size)}")
+    if int(size) > MAX_SIDE:
+        raise ValueError(f"size shortest_edge={int(size)} is too large: at most {MAX_SIDE} (a square of "
+                         f"{MAX_SIDE * MAX_SIDE:,} pixels) is accepted")
     return int(size)
 
 
+# Bounds that keep every preprocessed value finite in float32: |(255 * 1e4 + 1e4) / 1e-6| is about 2.6e12
+MAX_STATISTIC = 1e4  # |mean|, std and rescale_factor
+MIN_STD = 1e-6
+
+
 def _channel_stats(name: str, value: Any) -> Tuple[float, float, float]:
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
-        values = [float(value)] * 3
+    """A number, or a list of 1 or 3 finite numbers (one per RGB channel) -> 3 floats."""
+    if _is_number(value):
+        values = [value] * 3
     else:
-        try:
-            values = [float(v) for v in value]
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {value!r}") from None
+        if not isinstance(value, (list, tuple, np.ndarray)) or not all(_is_number(v) for v in value):
+            raise ValueError(f"{name} must be a number or 3 numbers (one per RGB channel), got {_show(value)}")
+        values = list(value)
+        if len(values) == 1:
+            values = values * 3
         if len(values) != 3:
-            raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(values)}: {value!r}")
-    if not all(np.isfinite(values)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return tuple(values)  # type: ignore[return-value]
+            raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(values)}: {_show(value)}")
+    if not all(np.isfinite(values)) or any(abs(v) > MAX_STATISTIC for v in values):
+        raise ValueError(f"{name} must be finite and within +-{MAX_STATISTIC:g}, got {_show(value)}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
 def _describe(image: Any) -> str:
@@ -188,17 +247,19 @@ class CvtImageProcessor:
         image_std: Union[float, Sequence[float], None] = IMAGENET_DEFAULT_STD,
         do_center_crop: bool = True,
     ):
-        self.do_resize = bool(do_resize)
+        # Types are strict, as a preprocessor_config.json states them: switches take true / false, numbers finite
+        # ints or floats (not strings, not bools); _check bounds what the settings would allocate.
+        self.do_resize = _flag("do_resize", do_resize)
         self.size = {"shortest_edge": _shortest_edge(224 if size is None else size)}
         # transformers treats a missing/None crop_pct as 224/256 (backwards compatibility); so do we.
-        self.crop_pct = float(RELEASED_CROP_PCT if crop_pct is None else crop_pct)
+        self.crop_pct = _finite_positive("crop_pct", RELEASED_CROP_PCT if crop_pct is None else crop_pct)
         self.resample = _resample_id(resample)
-        self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
+        self.do_rescale = _flag("do_rescale", do_rescale)
+        self.rescale_factor = _finite_positive("rescale_factor", rescale_factor)
+        self.do_normalize = _flag("do_normalize", do_normalize)
         self.image_mean = list(_channel_stats("image_mean", IMAGENET_DEFAULT_MEAN if image_mean is None else image_mean))
         self.image_std = list(_channel_stats("image_std", IMAGENET_DEFAULT_STD if image_std is None else image_std))
-        self.do_center_crop = bool(do_center_crop)
+        self.do_center_crop = _flag("do_center_crop", do_center_crop)
         self._check(self.size, self.crop_pct, self.rescale_factor, self.image_std)
 
     # ------------------------------------------------------------------ constructors
@@ -262,9 +323,10 @@ class CvtImageProcessor:
                     f"{key}={kind!r}: this config is for another processor; CvtImageProcessor reads "
                     f"{list(_PROCESSOR_TYPES)} configs only"
                 )
-        unknown = sorted(k for k in data if k not in _FIELDS and k not in _META_KEYS)
+        unknown = sorted(str(k) for k in data if k not in _FIELDS and k not in _META_KEYS)
         if unknown:
-            warnings.warn(f"preprocessor config keys {unknown} are not used by CvtImageProcessor and were ignored",
+            shown = unknown[:20] + ([f"... and {len(unknown) - 20} more"] if len(unknown) > 20 else [])
+            warnings.warn(f"preprocessor config keys {shown} are not used by CvtImageProcessor and were ignored",
                           UserWarning, stacklevel=2)
         kwargs = dict(_TRANSFORMERS_DEFAULTS)
         kwargs.update({k: v for k, v in data.items() if k in _FIELDS})
@@ -283,18 +345,20 @@ class CvtImageProcessor:
         path = resolve_file(name, PREPROCESSOR_CONFIG_NAME, **hub_options)
         if path is None:
             where = os.path.join(name, PREPROCESSOR_CONFIG_NAME) if os.path.isdir(name) else name
+            if os.path.lexists(where) and where != name:
+                check_regular_file(where, error=ValueError)  # a FIFO or a device: one line saying what it is
             raise FileNotFoundError(
                 f"{where}: no such preprocessor config (give a checkpoint directory or hub repository holding "
                 f"{PREPROCESSOR_CONFIG_NAME}, or the JSON file itself)"
             )
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        # a regular file of bounded size, strict JSON (nesting, NaN, duplicate keys): one ValueError line otherwise
+        data = load_json_file(path, "preprocessor config", ValueError)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a preprocessor config must hold a JSON object")
-        return cls.from_dict(data, **overrides)
+        try:
+            return cls.from_dict(data, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
         """Write ``preprocessor_config.json`` into ``directory`` (created if needed), atomically; returns its path.
@@ -355,16 +419,16 @@ class CvtImageProcessor:
             `ImageBatch` with ``"pixel_values"``: float32, stacked (a list of arrays only when ``return_tensors`` is
             None and the images differ in size, e.g. with ``do_resize=False``).
         """
-        do_resize = self.do_resize if do_resize is None else bool(do_resize)
+        do_resize = self.do_resize if do_resize is None else _flag("do_resize", do_resize)
         shortest = _shortest_edge(self.size if size is None else size)
-        crop_pct = self.crop_pct if crop_pct is None else float(crop_pct)
+        crop_pct = self.crop_pct if crop_pct is None else _finite_positive("crop_pct", crop_pct)
         resample = self.resample if resample is None else _resample_id(resample)
-        do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
-        rescale_factor = self.rescale_factor if rescale_factor is None else float(rescale_factor)
-        do_normalize = self.do_normalize if do_normalize is None else bool(do_normalize)
+        do_rescale = self.do_rescale if do_rescale is None else _flag("do_rescale", do_rescale)
+        rescale_factor = self.rescale_factor if rescale_factor is None else _finite_positive("rescale_factor", rescale_factor)
+        do_normalize = self.do_normalize if do_normalize is None else _flag("do_normalize", do_normalize)
         mean = self.image_mean if image_mean is None else list(_channel_stats("image_mean", image_mean))
         std = self.image_std if image_std is None else list(_channel_stats("image_std", image_std))
-        do_center_crop = self.do_center_crop if do_center_crop is None else bool(do_center_crop)
+        do_center_crop = self.do_center_crop if do_center_crop is None else _flag("do_center_crop", do_center_crop)
         self._check({"shortest_edge": shortest}, crop_pct, rescale_factor, std)
 
         data_format = _enum_value(data_format)
@@ -385,6 +449,8 @@ class CvtImageProcessor:
         for index, item in enumerate(items):
             where = "" if len(items) == 1 else f" (image {index} of the batch)"
             image = _to_rgb(item, input_data_format, where)
+            if isinstance(item, (str, os.PathLike)):
+                where = f" ({os.fspath(item)}){where}"  # later messages (a resize too large) name the file
             if do_rescale and not warned_scaled and isinstance(image, np.ndarray) and _looks_rescaled(image):
                 warned_scaled = True
                 warnings.warn(
@@ -420,14 +486,25 @@ class CvtImageProcessor:
     @staticmethod
     def _check(size: Dict[str, int], crop_pct: float, rescale_factor: float, std: Sequence[float]) -> None:
         shortest = size["shortest_edge"]
-        if not np.isfinite(crop_pct) or crop_pct <= 0:
-            raise ValueError(f"crop_pct must be a positive number, got {crop_pct!r}")
-        if shortest < WARP_THRESHOLD and int(shortest / crop_pct) < 1:
-            raise ValueError(f"crop_pct={crop_pct!r} with shortest_edge={shortest} resizes to {int(shortest / crop_pct)} pixels")
-        if not np.isfinite(rescale_factor):
-            raise ValueError(f"rescale_factor must be finite, got {rescale_factor!r}")
+        if not _is_number(crop_pct) or not np.isfinite(crop_pct) or crop_pct <= 0:
+            raise ValueError(f"crop_pct must be a positive number, got {_show(crop_pct)}")
+        if shortest < WARP_THRESHOLD:
+            target = int(shortest / crop_pct)
+            if target < 1:
+                raise ValueError(f"crop_pct={crop_pct!r} with shortest_edge={shortest} resizes to {target} pixels")
+            if target > MAX_SIDE:
+                raise ValueError(f"crop_pct={crop_pct!r} with shortest_edge={shortest} resizes the short side to "
+                                 f"{target} pixels; at most {MAX_SIDE} are accepted (raise crop_pct)")
+        if (not _is_number(rescale_factor) or not np.isfinite(rescale_factor) or rescale_factor <= 0
+                or rescale_factor > MAX_STATISTIC):
+            raise ValueError(f"rescale_factor must be a finite number in (0, {MAX_STATISTIC:g}], got "
+                             f"{_show(rescale_factor)}")
+        if any(0 < s < MIN_STD for s in std):
+            raise ValueError(f"image_std must be at least {MIN_STD:g}, got {list(std)!r}")
         if any(s == 0 for s in std):
             raise ValueError(f"image_std must not contain 0, got {list(std)!r}")
+        if any(s < 0 for s in std):
+            raise ValueError(f"image_std must be positive, got {list(std)!r}")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -488,21 +565,85 @@ def _to_rgb(item: Any, input_data_format: Optional[str], where: str) -> Union["I
 
 def _load(path: Union[str, os.PathLike], where: str) -> "Image.Image":
     """Read a file as transformers' `load_image` does: EXIF orientation applied, converted to RGB."""
+    return read_image_file(path, where)
+
+
+# Formats Pillow may decode a file as: all it knows but EPS, which it renders by running Ghostscript.
+_EXCLUDED_FORMATS = ("EPS",)
+# What Pillow raises on a corrupt, truncated or hostile file (its plugins let struct, index and EOF errors through).
+_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+                  struct.error, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
+
+
+def _read_formats() -> List[str]:
+    Image.init()
+    return [name for name in Image.OPEN if name not in _EXCLUDED_FORMATS]
+
+
+def check_image_size(width: int, height: int, what: str) -> None:
+    """Raise `ImageTooLargeError` (one line starting with `what`) unless a `width` x `height` image has at most
+    `Limits.IMAGE_PIXELS` pixels and `Limits.IMAGE_SIDE` a side; `ImageLoadError` for an empty one."""
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{what}: the image is {width}x{height} pixels, i.e. empty")
+    if width > Limits.IMAGE_SIDE or height > Limits.IMAGE_SIDE or width * height > Limits.IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"{what}: the image is {width}x{height} pixels ({width * height:,}); at most {Limits.IMAGE_PIXELS:,} pixels "
+            f"and {Limits.IMAGE_SIDE:,} a side are read")
+
+
+def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Image":
+    """The one way an image file is read (the processor, `cvt predict`, `cvt train --data`, the conversion
+    cross-check): an RGB 8-bit PIL image, EXIF orientation applied, as transformers' `load_image` reads it.
+
+    Only a regular file is opened (a FIFO is refused without blocking, as are devices and folders); its header is
+    read and the declared size checked against `Limits.IMAGE_PIXELS` / `Limits.IMAGE_SIDE` before a pixel is
+    decoded (a 69-byte PNG declaring 30000 x 30000 is refused, not allocated); what Pillow raises on a corrupt or
+    truncated file becomes one `ImageLoadError` line naming the file. A missing file is a `FileNotFoundError`.
+    Pillow's global `Image.MAX_IMAGE_PIXELS` is left as it is."""
     name = os.fspath(path)
-    if isinstance(name, str) and name.startswith(("http://", "https://")):
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if name.startswith(("http://", "https://")):
         raise ValueError(f"{name}: URLs are not fetched; download the image and pass the file or a PIL image{where}")
-    if not os.path.isfile(name):
+    if not os.path.exists(name):
         raise FileNotFoundError(f"{name}: no such image file{where}")
     try:
-        with Image.open(name) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            image = _to_8bit(image, f" ({name}){where}")
-            return image.convert("RGB")
-    except HighBitDepthError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(f"{name}: cannot read this file as an image{where} ({type(exc).__name__}: {exc})") from None
+        handle = open_regular_file(name, ImageLoadError)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{exc}{where}") from None
+    what = f"{name}{where}"
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                # above Pillow's own bound it warns (then raises above twice that); ours is lower and checked below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(handle, formats=_read_formats())
+        except Image.DecompressionBombError as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow reads"
+            raise ImageTooLargeError(f"{what}: the image declares {declared}; at most {Limits.IMAGE_PIXELS:,} pixels "
+                                     f"and {Limits.IMAGE_SIDE:,} a side are read") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
+        with opened:
+            check_image_size(*opened.size, what)  # the header's size, before decoding
+            try:
+                opened.load()
+                check_image_size(*opened.size, what)  # a format may settle its size while decoding
+                image = ImageOps.exif_transpose(opened)
+                image = _to_8bit(image, f" ({name}){where}")
+                return image.convert("RGB")
+            except (HighBitDepthError, ImageTooLargeError):
+                raise
+            except _DECODE_ERRORS as exc:
+                raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
+
+
+def _error_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class HighBitDepthError(ImageLoadError):
@@ -630,6 +771,12 @@ def _resize(image: Union["Image.Image", np.ndarray], shortest: int, crop_pct: fl
     else:
         out_h, out_w = shortest, shortest
         crop = None
+    if out_w > Limits.IMAGE_SIDE or out_h > Limits.IMAGE_SIDE or out_w * out_h > Limits.IMAGE_PIXELS:
+        # a thin strip (1 x 60000) resized to a short side of 256 would be 256 x 15,360,000 pixels
+        raise ImageTooLargeError(
+            f"cannot resize the {width}x{height} image{where} to {out_w}x{out_h} pixels (short side "
+            f"{min(out_w, out_h)}): at most {Limits.IMAGE_PIXELS:,} pixels and {Limits.IMAGE_SIDE:,} a side are "
+            f"accepted; crop it to a less elongated shape first")
     resized = np.asarray(image.resize((out_w, out_h), resample=resample))
     if resized.ndim == 2:
         resized = resized[:, :, None]

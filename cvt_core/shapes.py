@@ -134,6 +134,12 @@ def _try_stage_geometry(config: CvtConfig, height: int, width: int) -> Tuple[Lis
     return out, ""
 
 
+def partial_stage_geometry(config: CvtConfig, height: int, width: int) -> List[StageGeometry]:
+    """The grids of the stages an input of `height` x `width` reaches (all of them unless it is too small); never
+    raises. `CvtConfig.validate` sizes a model's activations from it."""
+    return _try_stage_geometry(config, height, width)[0]
+
+
 def stage_geometry(config: CvtConfig, height: int, width: int) -> List[StageGeometry]:
     """Grid sizes of every stage for an input of `height` x `width`; raises `InputTooSmallError` if any is empty."""
     geometry, problem = _try_stage_geometry(config, height, width)

@@ -506,6 +506,8 @@ def make_case(kind: str, workdir: str, seed_name: str, seed_data: bytes, index: 
             if shard != seed_name:
                 os.symlink(os.path.join(workdir, "seed", shard), os.path.join(folder, shard))
         data = _index_structural(json.loads(seed_data), rng, secret)
+    elif kind == "image" and 0.35 <= roll < 0.6:
+        data = _odd_valid_image(rng)
     elif kind == "image" and roll < 0.35:
         data = _png_header(*rng.choice([(30000, 30000), (1, 60000), (60000, 1), (70000, 2), (2 ** 31 - 1, 2),
                                          (0, 10), (10, 0), (9000, 9000)]))
@@ -584,6 +586,27 @@ def _index_structural(index: dict, rng: random.Random, secret: str) -> bytes:
         "model.safetensors.index.json", "x.index.json", "sub/model.safetensors", "..\\secret.bin", "a\0b", 7, None,
         ["model-00001-of-00002.safetensors"], "missing.safetensors"])
     return _json_bytes(edited)
+
+
+def _odd_valid_image(rng: random.Random) -> bytes:
+    """A well-formed image of an unusual mode, format or size (16-bit, palette, CMYK, 1-bit, alpha, 1x1 ...)."""
+    from PIL import Image
+
+    mode = rng.choice(["RGB", "L", "LA", "RGBA", "P", "1", "I;16", "I", "F", "CMYK", "YCbCr"])
+    size = rng.choice([(1, 1), (3, 200), (200, 3), (64, 48), (17, 31)])
+    fmt = rng.choice(["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
+    pixels = np.random.default_rng(rng.randrange(2 ** 32)).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode if mode not in ("I;16", "I", "F") else "L")
+    if mode in ("I;16", "I", "F"):
+        image = image.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(image, np.uint16) * 257)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, fmt)
+    except (OSError, ValueError, KeyError):  # this format cannot hold this mode: TIFF holds them all
+        buffer = io.BytesIO()
+        image.save(buffer, "TIFF")
+    data = buffer.getvalue()
+    return mutate_bytes(data, rng) if rng.random() < 0.3 else data
 
 
 def _safetensors_structural(seed: bytes, rng: random.Random) -> bytes:
@@ -708,8 +731,11 @@ def run_worker(kind: str, run_seed: int, start: int, count: int) -> None:
             arrays = read_case(kind, path)
             signal.alarm(0)
             leaked = [k for k, v in arrays.items() if SECRET_MARK in np.ascontiguousarray(v).tobytes()]
+            not_finite = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
             if leaked:
                 record.update(outcome="violation", detail=f"secret bytes in {leaked[:3]}")
+            elif not_finite and kind in ("preprocessor", "image"):
+                record.update(outcome="violation", detail=f"preprocessing produced NaN or infinity in {not_finite}")
             else:
                 record.update(outcome="ok")
         except accepted as exc:
