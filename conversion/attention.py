@@ -138,33 +138,43 @@ def attention_maps(image, directory: str, stages: Optional[Sequence[int]] = None
     return seen, maps
 
 
-def draw_attention(image: np.ndarray, maps: Sequence[AttentionMap], path: str, title: str = "") -> str:
-    """A PNG: the image, then each map upsampled onto it (nearest key-grid cell) as a heat overlay."""
+def draw_attention(image: np.ndarray, maps: Sequence[AttentionMap], path: str, title: str = "",
+                   force: bool = True, sources: Sequence[str] = ()) -> str:
+    """A PNG: the image, then each map upsampled onto it (nearest key-grid cell) as a heat overlay.
+
+    Written as `conversion.atomic.write_file` writes a single file: atomically, never onto one of `sources` (the
+    files read), and over an existing file only with `force` and only when it is a picture cvt wrote (the PNG
+    carries a `cvt-written` record with its own digest, which this adds)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cvt_core.atomic import atomic_write
+    from .atomic import check_file_destination, png_with_record, write_file
 
+    check_file_destination(path, force, sources)
     height, width = image.shape[:2]
     figure, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.6))
-    axes[0].imshow(image)
-    axes[0].set_title("input", fontsize=9)
-    for ax, item in zip(axes[1:], maps):
-        rows = np.minimum((np.arange(height) * item.grid.shape[0]) // height, item.grid.shape[0] - 1)
-        columns = np.minimum((np.arange(width) * item.grid.shape[1]) // width, item.grid.shape[1] - 1)
-        heat = item.grid[rows][:, columns]
-        ax.imshow(image)
-        ax.imshow(heat, cmap="inferno", alpha=0.6)
-        ax.set_title(f"stage {item.stage}, layer {item.layer}: {item.kind}\n"
-                     f"{item.grid.shape[0]}x{item.grid.shape[1]} key grid", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.9) if title else None)
-    with atomic_write(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        axes[0].imshow(image)
+        axes[0].set_title("input", fontsize=9)
+        for ax, item in zip(axes[1:], maps):
+            rows = np.minimum((np.arange(height) * item.grid.shape[0]) // height, item.grid.shape[0] - 1)
+            columns = np.minimum((np.arange(width) * item.grid.shape[1]) // width, item.grid.shape[1] - 1)
+            heat = item.grid[rows][:, columns]
+            ax.imshow(image)
+            ax.imshow(heat, cmap="inferno", alpha=0.6)
+            ax.set_title(f"stage {item.stage}, layer {item.layer}: {item.kind}\n"
+                         f"{item.grid.shape[0]}x{item.grid.shape[1]} key grid", fontsize=9)
+        for ax in axes:
+            ax.axis("off")
+        if title:
+            figure.suptitle(title, fontsize=10)
+        figure.tight_layout(rect=(0, 0, 1, 0.9) if title else None)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    return write_file(path, png_with_record(buffer.getvalue()), force, sources)

@@ -18,7 +18,8 @@ and 3, at `--image-size` (default: the config's image_size, else 224) and, for t
 and width, at a second size 32 rows and 16 columns larger. Each output passes when
 max|artifact - source| <= atol * max(1, max|source|), atol 1e-4 for float32 (export reorders float32 arithmetic),
 5e-2 for bfloat16. Everything is written into a temporary folder beside DST and moved into place only when every
-artifact passes; otherwise the command fails (exit 1) and DST is not written.
+artifact passes; otherwise the command fails (exit 1) and DST is not written. DST is checked, and later
+replaced with --force, by the rules of `conversion.atomic` (a folder cvt wrote, proven by its manifest).
 """
 
 from __future__ import annotations
@@ -48,9 +49,6 @@ HOLDS_BFLOAT16 = ("torch-export", "saved-model")
 DEFAULT_ATOL = {"float32": 1e-4, "bfloat16": crosscheck.default_atol("bfloat16")}
 CHECK_BATCHES = (1, 3)
 SECOND_SIZE_STEP = (32, 16)  # the second checked size: this many rows and columns more
-# What `cvt export` writes into DST: with --force, an existing DST holding only these is replaced.
-EXPORT_FILES = ("config.json", "preprocessor_config.json", "model.onnx", "model.pt2", "model.tflite")
-EXPORT_FOLDERS = ("saved_model",)
 
 
 @dataclass
@@ -64,21 +62,6 @@ class ExportReport:
 def parse_formats(value: str | Sequence[str]) -> List[str]:
     """`all`, one format, or a comma-separated list, in FORMATS order."""
     return parse_choices(value, FORMATS, "--format")
-
-
-def foreign_in_export(directory: str) -> List[str]:
-    """The entries of an existing DST that `cvt export` does not write (folders end in "/")."""
-    foreign = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.islink(path):
-            foreign.append(name)
-        elif os.path.isdir(path):
-            if name not in EXPORT_FOLDERS:
-                foreign.append(name + "/")
-        elif name not in EXPORT_FILES:
-            foreign.append(name)
-    return foreign
 
 
 def check_request(targets: Sequence[str], dtype: str, opset: Optional[int]) -> None:
@@ -279,7 +262,7 @@ def export(src: str, dst: str, formats: str | Sequence[str] = "all", image_size:
         opset = DEFAULT_OPSET
     dst = os.fspath(dst)
     inputs_read = [config] if config and os.path.exists(config) else []
-    check_destination(dst, force, [src, *inputs_read], foreign=foreign_in_export)  # fail before any heavy work
+    check_destination(dst, force, [src, *inputs_read])  # fail before any heavy work
     local = resolve_source(src)
     state = open_source(local, from_format, config)
     report = ExportReport(destination=dst)
@@ -293,7 +276,7 @@ def export(src: str, dst: str, formats: str | Sequence[str] = "all", image_size:
         echo(f"  {describe_state(state)}")
         inputs = seeded_inputs(state.config, sizes)
         reference_model, reference = _reference_outputs(state, inputs)
-        with atomic_directory(dst, force, [local, *inputs_read], foreign=foreign_in_export) as tmp:
+        with atomic_directory(dst, force, [local, *inputs_read]) as tmp:
             written = [config_for_output(state).save_pretrained(tmp), write_preprocessor(tmp, local, state.config, *(sizes[0] if image_size else (None, None)))]
             outputs: Dict[str, Dict] = {}
             notes: Dict[str, str] = {}

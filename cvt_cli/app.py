@@ -11,8 +11,9 @@
 
 Each command is a module of this package with `register(subparsers)`, which sets `args.run(args) -> int`.
 Exit status: 0 success; 1 a cross-check found outputs beyond tolerance (nothing is written); 2 a usage or input
-error, reported as one line `cvt: error: <file>: <problem>` on stderr; 130 interrupted (Ctrl-C / SIGTERM), with
-every temporary file removed.
+error, reported as one line `cvt: error: <file>: <problem>` on stderr; 130 interrupted (Ctrl-C, SIGTERM or
+SIGHUP), with every temporary file removed and no destination written unless the line says it was (an interrupt
+that arrives while a destination is renamed into place is held back until the rename is done).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from typing import List, Optional
 
 from conversion import progress
+from conversion.atomic import committed_destinations, raise_if_interrupted, request_interrupt, running_command
 from conversion.errors import ConversionError, CrossCheckFailed, describe, one_line
 from cvt_core.checkpoint import CheckpointError
 from cvt_core.weights import WeightLoadError
@@ -107,14 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Signals that stop a command: Ctrl-C, SIGTERM (kill, a scheduler) and SIGHUP (a closed terminal), each unless the
+# process was started with it ignored (nohup)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _on_sigterm(signum, frame):
+    """The handler of every stop signal: remember the request (so that nothing is renamed into place after it,
+    even if the exception is lost in a callback that CPython silences) and raise KeyboardInterrupt."""
+    request_interrupt()
     raise KeyboardInterrupt
+
+
+def _interrupted_message() -> str:
+    written = committed_destinations()
+    if not written:
+        return "interrupted; nothing was written"
+    return f"interrupted after {', '.join(written)} was written in full; nothing else was written"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `cvt`; returns the exit status."""
     parser = build_parser()
-    previous = None
+    previous = {}
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -122,25 +139,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         progress.set_enabled(not args.quiet)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread
-            previous = None
-        return int(args.run(args))
+        for signum in STOP_SIGNALS:
+            try:
+                if signal.getsignal(signum) != signal.SIG_IGN:  # `nohup cvt ...` keeps ignoring SIGHUP
+                    previous[signum] = signal.signal(signum, _on_sigterm)
+            except ValueError:  # not the main thread
+                break
+        with running_command(f"{PROG} {args.command}"):
+            status = int(args.run(args))
+            raise_if_interrupted()  # an interrupt whose exception was lost: still an interrupt
+            return status
     except (ConversionError, DatasetError) as exc:
         _error(str(exc))
         return 2
     except CrossCheckFailed:
         return 1
     except KeyboardInterrupt:
-        _error("interrupted; nothing was written")
+        _error(_interrupted_message())
         return 130
     except (OSError, CheckpointError, WeightLoadError) as exc:  # user-caused problems without a more specific message
         _error(str(describe(exc, getattr(exc, "filename", None))))
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         progress.set_enabled(True)
 
 

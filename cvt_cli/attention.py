@@ -21,30 +21,30 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="checkpoint folder (config.json and model.safetensors, pytorch_model.bin or tf_model.h5)")
     parser.add_argument("--out", default="attention.png", metavar="PNG", help="the picture to write "
-                        "(default attention.png; an existing file is replaced only with --force)")
+                        "(default attention.png; never the image, the model folder or a file in it; an existing file "
+                        "is replaced only with --force, and only when it is a picture cvt wrote)")
     parser.add_argument("--stage", type=int, nargs="+", default=None, metavar="S",
                         help="stage number(s) from 1, as in the backbone's stage names (default: every stage)")
     parser.add_argument("--layer", type=int, default=-1, metavar="L",
                         help="the layer within each stage, from 0; negative from its end (default -1, the last)")
     parser.add_argument("--framework", choices=attention.FRAMEWORKS, default=None,
                         help="framework to run (default: torch when PyTorch is installed)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out file that cvt attention wrote (its PNG carries a cvt-written "
+                             "record matching its content); any other file is refused")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from conversion.errors import ConversionError
+    from conversion.atomic import check_file_destination
 
-    if os.path.isdir(args.out):
-        raise ConversionError(args.out, "is a folder; --out names the PNG file to write")
-    if os.path.exists(args.out) and not args.force:
-        raise ConversionError(args.out, "exists; pass --force to replace it")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise ConversionError(folder, "no such folder for --out")
+    # never the image, the model folder or anything in it; an existing file only with --force, and only a
+    # picture cvt wrote (checked again just before the rename)
+    sources = [args.image, args.model]
+    check_file_destination(args.out, args.force, sources)
     image, maps = attention.attention_maps(args.image, args.model, args.stage, args.layer, args.framework)
     title = f"{os.path.basename(args.image)}, {os.path.basename(os.path.normpath(args.model))}"
-    attention.draw_attention(image, maps, args.out, title=title)
+    attention.draw_attention(image, maps, args.out, title=title, force=args.force, sources=sources)
     for item in maps:
         print(f"stage {item.stage}, layer {item.layer}: {item.kind} over a {item.grid.shape[0]}x{item.grid.shape[1]} "
               f"key grid (max {item.grid.max():.3f})")

@@ -32,8 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--hidden-act", default=None, choices=["gelu", "quick_gelu"],
                         help="override the MLP activation (original checkpoints default to quick_gelu)")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing DST that is empty or holds only checkpoint files (a folder holding "
-                             "anything else is refused)")
+                        help="replace an existing DST that is empty or that cvt wrote (its .cvt-manifest.json lists every "
+                             "file in it, unchanged); anything else is refused")
     parser.add_argument("--no-check", action="store_true", help="skip the cross-check (not recommended)")
     parser.set_defaults(run=run)
 

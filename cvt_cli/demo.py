@@ -16,7 +16,8 @@ def register(subparsers) -> None:
                         help="preset name or config.json (default cvt-13)")
     parser.add_argument("--out", default=None, metavar="DIR", help="keep the converted checkpoint in DIR")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing --out DIR that is empty or holds only checkpoint files")
+                        help="replace an existing --out DIR that is empty or that cvt wrote (its .cvt-manifest.json lists "
+                             "every file in it, unchanged)")
     parser.add_argument("--atol", type=positive_float, default=None, help="tolerance (default 1e-5)")
     parser.set_defaults(run=run)
 

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                         help="tolerance: each output passes when max|diff| <= ATOL * max(1, max|source|); default "
                              "1e-4 (float32), 5e-2 (--dtype bfloat16)")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing DST that is empty or holds only what cvt export writes")
+                        help="replace an existing DST that is empty or that cvt wrote (its .cvt-manifest.json lists every "
+                             "file in it, unchanged); anything else is refused")
     parser.set_defaults(run=run)
 
 

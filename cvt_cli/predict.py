@@ -171,12 +171,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def predict(args, echo: Callable[[str], None] = print, show: bool = True) -> List[Dict[str, Any]]:
     """The work of `cvt predict`: for each image `{"image": path, "predictions": [{"label", "id", "score"}, ...]}`,
     the top-k most probable first, returned. `echo` receives the notes and, with `show`, the ranked table."""
-    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor, ImageLoadError
+    from cvt_core.image_processing import PREPROCESSOR_CONFIG_NAME, CvtImageProcessor
 
     directory = args.model
     framework, model, config = _load_for_prediction(directory, args.framework)
     if os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG_NAME)):
-        processor = CvtImageProcessor.from_pretrained(directory)
+        try:
+            processor = CvtImageProcessor.from_pretrained(directory)
+        except ValueError as exc:  # strict JSON, types and bounds: one line that names the file
+            raise ConversionError(None, one_line(str(exc))) from None
     else:
         processor = CvtImageProcessor.for_config(config)
         echo(f"note: {directory} has no {PREPROCESSOR_CONFIG_NAME}; using the released checkpoints' preprocessing "
@@ -185,7 +188,7 @@ def predict(args, echo: Callable[[str], None] = print, show: bool = True) -> Lis
         pixels = processor(list(args.images))["pixel_values"]
     except FileNotFoundError as exc:
         raise ConversionError(None, one_line(str(exc))) from None
-    except ImageLoadError as exc:
+    except ValueError as exc:  # ImageLoadError (unreadable, not a regular file, too large), a URL: names the file
         raise ConversionError(None, one_line(str(exc))) from None
     if framework == "torch":
         from cvt_torch.training import predict_logits as torch_logits

@@ -12,6 +12,8 @@ predicts the same.
     converted-<other>/     the same model written by `cvt convert` in the other framework's format, cross-checked
     training_curve.png     loss and accuracy per epoch
     report.json            settings, history, timings, validation accuracy in both frameworks, top-1 agreement
+    .cvt-manifest.json     what the run wrote (each file's size and sha256; checkpoint/ and converted-<other>/
+                           hold their own), so that `--force` replaces an earlier run and nothing else
 
 and the last line printed is `validation accuracy: torch 0.98xx, keras 0.98xx; top-1 agreement 100.00% ...`.
 
@@ -113,8 +115,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", default=None, help="run directory (default runs/<timestamp>)")
     output.add_argument("--force", action="store_true",
-                        help="replace an existing --out directory that holds an earlier run (a folder holding other "
-                             "files is refused); an empty one is used without --force")
+                        help="replace an existing --out directory that holds an earlier run, unchanged (its "
+                             ".cvt-manifest.json lists every file in it; anything else is refused); an empty one "
+                             "is used without --force")
     output.add_argument("--no-convert", action="store_true",
                         help="skip the conversion to the other framework and its evaluation")
     output.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -161,25 +164,6 @@ def _say(echo: Callable[[str], None], is_main: bool) -> Callable[[str], None]:
 
 def _default_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-
-
-RUN_CHECKPOINT_DIRS = (CHECKPOINT_DIR, *(f"converted-{name}" for name in FRAMEWORKS))
-
-
-def _foreign_in_run_folder(path: str) -> List[str]:
-    """What in an existing --out folder a run did not write: anything but checkpoint/ and converted-*/ (holding
-    checkpoint files), training_curve.png and report.json."""
-    from conversion.atomic import foreign_in_checkpoint
-
-    foreign = []
-    for name in sorted(os.listdir(path)):
-        entry = os.path.join(path, name)
-        plain = not os.path.islink(entry)
-        if name in RUN_CHECKPOINT_DIRS and plain and os.path.isdir(entry):
-            foreign += [f"{name}/{inner}" for inner in foreign_in_checkpoint(entry)]
-        elif not (name in (REPORT_NAME, PLOT_NAME) and plain and os.path.isfile(entry)):
-            foreign.append(name + "/" if os.path.isdir(entry) else name)
-    return foreign
 
 
 def _run_sources(args) -> List[str]:
@@ -438,7 +422,7 @@ def train(args, echo: Callable[[str], None] = print) -> TrainResult:
     writes = _writes_outputs(args.framework)
     say = _say(echo, writes)
     out = args.out if args.out is not None else _default_run_dir()
-    destination = dict(force=args.force, sources=_run_sources(args), foreign=_foreign_in_run_folder, empty_ok=True)
+    destination = dict(force=args.force, sources=_run_sources(args), empty_ok=True)
     if writes:
         check_destination(out, **destination)  # before any work
     data = _prepare_data(args, say)
@@ -479,6 +463,7 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
                 started: float, say) -> Dict[str, Any]:
     """Save the checkpoint, convert and evaluate in the other framework, plot and write report.json into `run_dir`
     (the temporary folder); returns the report, whose paths name the final folder `out`."""
+    from conversion.atomic import write_manifest
 
     def final(path: Optional[str]) -> Optional[str]:
         return None if path is None else os.path.join(out, os.path.relpath(path, run_dir))
@@ -486,6 +471,7 @@ def _finish_run(args, run_dir: str, out: str, config, origin: str, data: Prepare
     image_size = data.processor.size["shortest_edge"]
     framework = args.framework
     checkpoint, reference_logits = _save_checkpoint(framework, result.model, data, run_dir)
+    write_manifest(checkpoint)  # checkpoint/ is a folder cvt wrote, replaceable on its own too
     accuracy = {framework: _accuracy(reference_logits, data.val_labels)}
     conversion = None
     conversion_failed = None

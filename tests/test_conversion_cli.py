@@ -153,7 +153,7 @@ def test_existing_destination_needs_force_and_survives_a_failed_replacement(chec
 
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch", "--force")
     assert code == 0, err
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(os.listdir(dst)) == [".cvt-manifest.json", "config.json", "model.safetensors", "preprocessor_config.json"]
     assert leftovers(tmp_path) == []
 
 
@@ -205,7 +205,7 @@ def test_demo_on_a_tiny_config_ends_with_one_summary_line_and_verify_agrees(chec
     lines = out.strip().splitlines()
     assert lines[0].startswith("cvt demo:")
     assert lines[-1].startswith("demo OK: all 4 formats")
-    assert sorted(os.listdir(out_dir)) == ["config.json", "model.keras", "model.safetensors", "model.weights.h5",
+    assert sorted(os.listdir(out_dir)) == [".cvt-manifest.json", "config.json", "model.keras", "model.safetensors", "model.weights.h5",
                                            "preprocessor_config.json", "tf_model.h5"]
     code, out, err = cli("verify", out_dir)
     assert code == 0, err

@@ -89,7 +89,7 @@ def test_transformers_tf_loads_our_tf_model_h5_and_matches_transformers_pytorch(
 
 
 def test_transformers_tf_loads_tf_model_h5_from_a_folder_with_every_format(world):
-    assert sorted(os.listdir(world["everything"])) == ["config.json", "model.keras", "model.safetensors",
+    assert sorted(os.listdir(world["everything"])) == [".cvt-manifest.json", "config.json", "model.keras", "model.safetensors",
                                                        "model.weights.h5", "preprocessor_config.json", "tf_model.h5"]
     got, want = world["classifier"]["tf_on_ours_all"], world["classifier"]["torch"]
     for key in want:

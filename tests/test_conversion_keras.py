@@ -74,7 +74,7 @@ def test_torch_to_keras_to_torch_is_bit_exact(source, tmp_path, via):
 def test_keras_file_loads_with_keras_load_model_and_computes_what_torch_computes(source, tmp_path):
     code, out, err = cli("convert", source / "src", tmp_path / "k", "--to", "keras")
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "k")) == ["config.json", "model.keras", "model.weights.h5", "preprocessor_config.json"]
+    assert sorted(os.listdir(tmp_path / "k")) == [".cvt-manifest.json", "config.json", "model.keras", "model.weights.h5", "preprocessor_config.json"]
     import keras
 
     from cvt_tf import TFCvtForImageClassification
@@ -110,7 +110,7 @@ def test_from_pretrained_reads_a_folder_holding_only_tf_model_h5_in_both_framewo
     checkpoint folder for both models' from_pretrained, BatchNorm statistics included."""
     code, out, err = cli("convert", source / "src", tmp_path / "tf", "--to", "hf-tf")
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "tf")) == ["config.json", "preprocessor_config.json", "tf_model.h5"]
+    assert sorted(os.listdir(tmp_path / "tf")) == [".cvt-manifest.json", "config.json", "preprocessor_config.json", "tf_model.h5"]
     from cvt_tf import TFCvtForImageClassification
     from cvt_torch import CvtForImageClassification
 

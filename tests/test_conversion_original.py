@@ -49,7 +49,7 @@ def test_original_checkpoint_converts_to_every_format_and_reproduces_the_origina
     assert "original microsoft/CvT" in out and "hidden_act quick_gelu" in out
     with open(dst / "config.json") as f:
         assert json.load(f)["hidden_act"] == "quick_gelu"
-    assert sorted(os.listdir(dst)) == ["config.json", "model.keras", "model.safetensors", "model.weights.h5",
+    assert sorted(os.listdir(dst)) == [".cvt-manifest.json", "config.json", "model.keras", "model.safetensors", "model.weights.h5",
                                    "preprocessor_config.json", "tf_model.h5"]
 
     from cvt_torch import CvtForImageClassification

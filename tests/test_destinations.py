@@ -1,7 +1,8 @@
 """Where the commands may write: an empty destination, the working folder, the source or a folder around or inside
-it are refused; --force replaces only an empty folder or one holding what cvt itself wrote; a failed command
-leaves no folder and prints no "wrote". The rule (conversion.atomic.check_destination) is tested once, then
-`cvt convert`, `cvt demo` and `cvt train` through it."""
+it are refused; --force replaces only an empty folder or one whose .cvt-manifest.json proves cvt wrote everything
+in it; a failed command leaves no folder and prints no "wrote". The rule (conversion.atomic.check_destination) is
+tested once, then `cvt convert`, `cvt demo` and `cvt train` through it. tests/test_ownership.py tests the
+ownership records themselves, lookalike names and `cvt attention --out`."""
 
 from __future__ import annotations
 
@@ -62,11 +63,18 @@ def images(tmp_path_factory):
 # --------------------------------------------------------------------------------------------------------- the rule
 def _layout(root):
     """Destinations of every kind, under `root` (the working folder)."""
+    from conversion.atomic import atomic_directory
+
     (root / "par" / "child").mkdir(parents=True)
-    (root / "ckpt").mkdir()
-    for name in ("config.json", "model.safetensors", "tf_model.h5", "model.weights.h5", "model.keras",
-                 "preprocessor_config.json"):
-        (root / "ckpt" / name).write_text("{}")
+    names = ("config.json", "model.safetensors", "tf_model.h5", "model.weights.h5", "model.keras",
+             "preprocessor_config.json")
+    with atomic_directory(str(root / "ckpt")) as tmp:  # written by cvt: it has a manifest
+        for name in names:
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write("{}")
+    (root / "handmade").mkdir()  # the same names, written by hand: no manifest
+    for name in names:
+        (root / "handmade" / name).write_text("{}")
     (root / "empty").mkdir()
     (root / "mixed").mkdir()
     (root / "mixed" / "config.json").write_text("{}")
@@ -84,8 +92,10 @@ def _layout(root):
     ("par", True, ["par/child"], "contains the source par/child"),
     ("par/child", True, ["par/child"], "is the source par/child"),
     ("par/child/out", False, ["par/child"], "lies inside the source par/child"),
-    ("mixed", True, [], "holds files cvt did not write (notes.txt, src/)"),
+    ("mixed", True, [], "holds files cvt did not write (config.json, notes.txt, src/)"),
     ("mixed", False, [], "holds files cvt did not write"),
+    ("handmade", True, [], "it has no .cvt-manifest.json"),
+    ("handmade", False, [], "so even --force does not replace it"),
     ("file", True, [], "is a file"),
     ("link", True, [], "is a symbolic link"),
     ("ckpt", False, [], "already exists; pass --force"),
@@ -170,7 +180,8 @@ def test_force_does_not_replace_a_folder_holding_other_files(checkpoint, tmp_pat
     (dst / "notes.txt").write_text("mine")
     (dst / "config.json").write_text("{}")
     assert_one_line_error(*cli("convert", checkpoint / "src", dst, "--to", "torch", "--force"),
-                    "holds files cvt did not write (notes.txt)", "remove them or pick another destination")
+                          "holds files cvt did not write (config.json, notes.txt)",
+                          "move them away or choose another destination")
     assert sorted(os.listdir(dst)) == ["config.json", "notes.txt"] and (dst / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []
 
@@ -201,7 +212,8 @@ def test_force_replaces_a_previous_output_and_a_failed_replacement_keeps_it(chec
     assert code == 1 and _listing(dst) == first and leftovers(tmp_path) == []
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch", "--force")
     assert code == 0, err
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(os.listdir(dst)) == [".cvt-manifest.json", "config.json", "model.safetensors",
+                                       "preprocessor_config.json"]
     assert leftovers(tmp_path) == []
 
 
@@ -295,6 +307,6 @@ def test_train_whose_conversion_fails_its_check_keeps_the_trained_checkpoint_and
     code, out, err = _train(images, run)
     assert code == 1, err
     assert "conversion to keras FAILED" in out and ".partial" not in out + err
-    assert set(os.listdir(run)) - {"training_curve.png"} == {"checkpoint", "report.json"}
+    assert set(os.listdir(run)) - {"training_curve.png"} == {"checkpoint", "report.json", ".cvt-manifest.json"}
     assert "model.safetensors" in os.listdir(run / "checkpoint") and leftovers(tmp_path) == []
     assert json.loads((run / "report.json").read_text())["conversion_failed"].startswith("FAILED:")

@@ -107,7 +107,7 @@ def hf_exports(sources):
 @pytest.mark.parametrize("fmt", list(ARTIFACTS))
 def test_each_format_from_a_transformers_checkpoint_reproduces_transformers(sources, hf_exports, fmt):
     dst, out = hf_exports(fmt)
-    assert sorted(os.listdir(dst)) == sorted(["config.json", "preprocessor_config.json", ARTIFACTS[fmt]])
+    assert sorted(os.listdir(dst)) == sorted([".cvt-manifest.json", "config.json", "preprocessor_config.json", ARTIFACTS[fmt]])
     assert "top-1 agreement" in out and out.rstrip().splitlines()[-1].startswith("OK: ")
     assert ("96x80" in out) == (fmt != "tflite")  # the second size is checked where height and width are dynamic
     _assert_artifacts_reproduce(dst, [fmt], sources["model"])
@@ -206,7 +206,7 @@ def _bad_requests(sources, tmp_path):
         "unknown-format": ([hf, dst, "--format", "pdf"], dst, ["pdf", "unknown --format"]),
         "dst-inside-src": ([hf, hf / "deploy"], hf / "deploy", ["lies inside the source"]),
         "unwritable-dst": ([hf, blocker / "deploy"], blocker / "deploy", ["is a file, not a directory"]),
-        "dst-exists": ([hf, occupied], None, [occupied, "pass --force"]),
+        "dst-exists": ([hf, occupied], None, [occupied, ".cvt-manifest.json"]),
         "dst-holds-other-files": ([hf, foreign, "--force"], None, [foreign, "notes.txt"]),
         "bare-model": ([bare, dst], dst, ["bare CvtModel", "logits"]),
         "bfloat16-tflite": ([hf, dst, "--format", "tflite", "--dtype", "bfloat16"], dst, ["--dtype bfloat16", "tflite"]),
@@ -239,13 +239,12 @@ def test_every_bad_request_case_is_listed(sources, tmp_path):
 
 def test_force_replaces_an_earlier_export(sources, tmp_path):
     dst = tmp_path / "deploy"
-    (dst / "saved_model" / "variables").mkdir(parents=True)  # what an earlier export left: only cvt export's names
-    for name in ("config.json", "preprocessor_config.json", "model.onnx", "model.pt2"):
-        (dst / name).write_text("earlier")
+    code, _, err = cli("export", sources["hf"], dst, "--format", "onnx", "--quiet")  # the earlier export
+    assert code == 0, err
     assert_one_line_error(*cli("export", sources["hf"], dst, "--format", "tflite", "--quiet"), "pass --force")
     code, _, err = cli("export", sources["hf"], dst, "--format", "tflite", "--force", "--quiet")
     assert code == 0, err
-    assert sorted(os.listdir(dst)) == ["config.json", "model.tflite", "preprocessor_config.json"]
+    assert sorted(os.listdir(dst)) == [".cvt-manifest.json", "config.json", "model.tflite", "preprocessor_config.json"]
     assert not leftovers(tmp_path)
 
 
