@@ -29,8 +29,9 @@ from .atomic import atomic_write
 from .dtypes import bfloat16_dtype, is_bfloat16
 from .errors import CheckpointError
 from .filenames import CONFIG_NAME
-from .tensor_file import LazyTensors, is_index, read_exactly, short_repr
-from .torch_pickle import open_torch_bin
+from .tensor_file import MAX_DIMENSIONS, LazyTensors, is_index, read_exactly, shape_problem, short_repr
+from .torch_pickle import open_torch_bin, open_torch_file
+from .untrusted import load_json_file, open_regular_file, parse_json
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -51,9 +52,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_SAFETENSORS_COMPLEX = ("C64", "C128", "COMPLEX64", "COMPLEX128")
+# the safetensors format's own bound on its header
+SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+
+
 def _safetensors_dtype(code: str, path: str) -> np.dtype:
     if code == "BF16":
         return bfloat16_dtype(path)
+    if code in _SAFETENSORS_COMPLEX:
+        raise CheckpointError(f"{path}: tensor dtype {short_repr(code)} is not supported: complex numbers are not "
+                              f"weights of a CvT model")
     if code not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor dtype {short_repr(code)} is not supported")
     return _SAFETENSORS_DTYPES[code]
@@ -83,23 +92,23 @@ def is_index(value: Any) -> bool:
 def read_safetensors_header(path: str) -> SafetensorsHeader:
     """The header of a `.safetensors` file, checked so that every tensor lies inside the file's data: a JSON
     object whose entries have a known dtype, a shape of non-negative integers and `data_offsets` whose length is
-    exactly the shape's size. Raises `CheckpointError` (one line) on anything else."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated (no safetensors header)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8 or header_len > 100 * 1024 * 1024:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    exactly the shape's size. Only a regular file is read (`untrusted.open_regular_file`). Raises
+    `CheckpointError` (one line) on anything else."""
+    with open_regular_file(path) as f:
+        return _safetensors_header_of(f.fileno(), path)
+
+
+def _safetensors_header_of(fd: int, path: str) -> SafetensorsHeader:
+    """`read_safetensors_header` of the open regular file `fd` (positioned reads; sizes checked before reading)."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated (no safetensors header)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > size - 8 or header_len > SAFETENSORS_HEADER_BYTES:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)")
+    raw = read_exactly(fd, 8, np.empty(header_len, np.uint8), path).tobytes()
+    header = parse_json(raw, f"{path}: corrupt safetensors header", max_bytes=SAFETENSORS_HEADER_BYTES)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.get("__metadata__") or {}
@@ -118,6 +127,9 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
         if not isinstance(shape, list) or not all(is_index(d) and d >= 0 for d in shape):
             raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: shape {short_repr(shape)} is not a list of "
                                   f"non-negative integers")
+        if len(shape) > MAX_DIMENSIONS:  # before the product of its dimensions is taken
+            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: a shape of {len(shape)} dimensions (at "
+                                  f"most {MAX_DIMENSIONS} are read)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_index(x) for x in offsets)):
             raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: data_offsets {short_repr(offsets)} is not two "
                                   f"integers")
@@ -126,54 +138,64 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
         if not 0 <= begin <= end <= data_len or end - begin != expected:
             raise CheckpointError(f"{path}: truncated or corrupt: tensor {name!r} ({info['dtype']}{short_repr(shape)}, "
                                   f"{expected} bytes) claims bytes {begin}..{end} of {data_len}")
+        problem = shape_problem(shape, dtype.itemsize)  # an empty tensor's other dimensions, which no byte backs
+        if problem is not None:
+            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}: {problem}")
         tensors[name] = (dtype, tuple(shape), data_start + begin, data_start + end)
+    # no two tensors may claim the same bytes (as the safetensors library requires): reading every tensor then
+    # never takes more memory than the file holds
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in tensors.items() if end > begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: truncated or corrupt: tensors {first!r} and {second!r} claim overlapping "
+                                  f"bytes")
     return SafetensorsHeader(tensors, metadata)
 
 
 def open_safetensors(path: str) -> LazyTensors:
     """The tensors of a `.safetensors` file (header checked by `read_safetensors_header`), each read on access with
-    one positioned read into a new array: nothing stays memory-mapped, so resident memory does not grow with the
-    file. The file is opened at the first read."""
-    header = read_safetensors_header(path)
-    opened: List[Any] = []
+    one positioned read into a new array of exactly the bytes the header gives it inside the file: nothing stays
+    memory-mapped, so resident memory does not grow with the file. The file (a regular file only) stays open, the
+    same one read throughout, until the result is closed."""
+    f = open_regular_file(path)
+    try:
+        return _open_safetensors_file(f, path)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_safetensors_file(f, path: str) -> LazyTensors:
+    """`open_safetensors` of the open regular file `f`; the result owns `f` (on an error it is left to the caller)."""
+    header = _safetensors_header_of(f.fileno(), path)
 
     def load(key: str) -> np.ndarray:
         dtype, shape, begin, _ = header.tensors[key]
-        if not opened:
-            opened.append(open(path, "rb", buffering=0))
-        return read_exactly(opened[0].fileno(), begin, np.empty(shape, dtype), path)
-
-    def close() -> None:
-        while opened:
-            opened.pop().close()
+        if f.closed:
+            raise CheckpointError(f"{path}: tensor {key!r} asked for after the checkpoint was closed")
+        try:
+            return read_exactly(f.fileno(), begin, np.empty(shape, dtype), path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
     return LazyTensors({k: shape for k, (_, shape, _, _) in header.tensors.items()},
-                       {k: dtype for k, (dtype, _, _, _) in header.tensors.items()}, load, close)
+                       {k: dtype for k, (dtype, _, _, _) in header.tensors.items()}, load, f.close)
 
 
-def _looks_like_safetensors(path: str) -> bool:
-    """Whether the file starts as safetensors does (a header length that fits the file, then a JSON object)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = os.path.getsize(path)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size
+def _looks_like_safetensors(fd: int) -> bool:
+    """Whether the open file starts as safetensors does (a header length that fits the file, then a JSON object)."""
+    head = os.pread(fd, 9, 0)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.fstat(fd).st_size
 
 
 def read_shard_index(path: str) -> Dict[str, List[str]]:
     """The shards a `*.index.json` names, as {shard path: names of the tensors it holds}, in shard-name order.
 
     Each shard must be a plain file name in the index's own folder (no path, no `..`, not an index itself) that
-    exists there (a symlink is fine, as in Hugging Face caches); anything else is refused with one line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, IsADirectoryError):
-        raise CheckpointError(f"{path}: corrupt shard index (not a JSON file)") from None
+    exists there (a symlink is fine, as in Hugging Face caches); anything else is refused with one line. The index
+    is read as strict JSON from a regular file (`untrusted.load_json_file`); each shard is opened (as a regular file
+    only) by `open_checkpoint`."""
+    index = load_json_file(path, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: corrupt shard index (needs a 'weight_map' object)")
@@ -195,7 +217,7 @@ def read_shard_index(path: str) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for shard in sorted(shards):
         shard_path = os.path.join(folder, shard)
-        if not os.path.isfile(shard_path):
+        if not os.path.exists(shard_path):
             raise CheckpointError(f"{shard_path}: no such file, though the shard index {own_name} lists it for "
                                   f"{len(shards[shard])} tensors (e.g. {shards[shard][0]})")
         out[shard_path] = shards[shard]
@@ -230,14 +252,19 @@ def _open_index(path: str) -> LazyTensors:
 def open_checkpoint(path: str) -> LazyTensors:
     """The one reader of PyTorch-side weight files: `.safetensors`, a `torch.save` file (`pytorch_model.bin`,
     `.pth`, zip or legacy layout) or a shard index (`*.index.json`) of either, told apart by name and content.
-    Every check is made here, before any tensor is read; close the result when done."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
+    Every check is made here, before any tensor is read; close the result when done. Only a regular file is read
+    (`untrusted.open_regular_file`: a FIFO, a device or a folder is refused before a byte is read), and the file
+    told apart is the one read."""
     if path.endswith(".index.json"):
         return _open_index(path)
-    if path.endswith(".safetensors") or _looks_like_safetensors(path):
-        return open_safetensors(path)
-    return open_torch_bin(path)
+    f = open_regular_file(path)
+    try:
+        if path.endswith(".safetensors") or _looks_like_safetensors(f.fileno()):
+            return _open_safetensors_file(f, path)
+        return open_torch_file(f, path)
+    except BaseException:
+        f.close()
+        raise
 
 
 def _read_all(tensors: LazyTensors) -> Dict[str, np.ndarray]:

@@ -92,6 +92,26 @@ def is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The most dimensions a tensor read from a file may have (NumPy 1 holds at most 32; a CvT weight has at most 4)
+MAX_DIMENSIONS = 32
+
+
+def shape_problem(shape: Any, itemsize: int) -> Optional[str]:
+    """Why `shape` (from a file) cannot be a NumPy array's shape for elements of `itemsize` bytes, or None: it must
+    be a tuple or list of non-negative integers, at most `MAX_DIMENSIONS` of them, whose non-zero ones multiply
+    to fewer than 2**62 bytes (NumPy refuses bigger shapes even for an empty array, where one dimension is 0)."""
+    if not (isinstance(shape, (tuple, list)) and all(is_index(d) and d >= 0 for d in shape)):
+        return f"shape {short_repr(shape)} is not a list of non-negative integers"
+    if len(shape) > MAX_DIMENSIONS:
+        return f"a shape of {len(shape)} dimensions (at most {MAX_DIMENSIONS} are read)"
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= max(d, 1)
+        if nbytes >= 2 ** 62:
+            return f"shape {short_repr(tuple(shape))} is too large for any array"
+    return None
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
     """`repr(value)` cut to `limit` characters, for quoting untrusted values in one-line messages."""
     text = repr(value)
