@@ -195,13 +195,22 @@ def detect_file(path: str, fmt: str = "auto") -> SourceSpec:
 
 
 def _h5_kind(path: str) -> str:
-    try:
-        import h5py
+    """hf-tf or keras, from the root attributes only (no dataset is read; the reader then walks the whole file).
+    Opened as a regular file through `cvt_core.h5_safety` (a FIFO or device is refused)."""
+    from cvt_core.h5_safety import h5_reason, h5py_module
+    from cvt_core.untrusted import open_regular_file
 
-        with h5py.File(path, "r") as f:
-            return "hf-tf" if ("layer_names" in f.attrs or "layer_names0" in f.attrs) else "keras"
-    except OSError as exc:
-        raise ConversionError(path, f"not a readable HDF5 file (truncated or corrupt: {one_line(str(exc))[:160]})") from None
+    try:
+        h5py = h5py_module(path)
+        with open_regular_file(path, CheckpointError) as fileobj:
+            try:
+                with h5py.File(fileobj, "r", locking=False) as f:
+                    return "hf-tf" if ("layer_names" in f.attrs or "layer_names0" in f.attrs) else "keras"
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise ConversionError(path, f"not a readable HDF5 file (truncated or corrupt: {h5_reason(exc)})") \
+                    from None
+    except CheckpointError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
 
 
 # ------------------------------------------------------------------------------------------------ reading

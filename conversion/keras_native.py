@@ -6,20 +6,26 @@ with a cast the stored values are the cast ones, exactly representable in float3
 config: it is read with the `config.json` beside it (or `--config`), and whether it holds the classification head
 is read from its top-level groups. `num_batches_tracked` has no Keras twin and reads back as 0. A file whose
 variables do not match the config (cvt_tf's strict loading) is refused in one line.
+
+Reading is safe by construction (`cvt_core.h5_safety`): a `model.weights.h5` is opened as a regular file and walked
+whole (hard links only; plain, unfiltered, allocated float datasets stored inside the file) before Keras reads it;
+a `.keras` archive has its members bounded (no zip bomb), its config.json parsed strictly, its weights walked, and
+must hold one of our classes ("not a CvT model saved by cvt_tf: holds <class>") before `load_model` runs, with
+`safe_mode=True` and `compile=False`, on the very file object that was checked.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from typing import Optional
 
 import numpy as np
 
 from cvt_core.atomic import atomic_write
-from cvt_core.checkpoint import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME
+from cvt_core.checkpoint import KERAS_MODEL_NAME, KERAS_WEIGHTS_NAME, CheckpointError
 from cvt_core.config import CvtConfig
+from cvt_core.h5_safety import KERAS_KIND, check_h5_file, check_keras_archive, keras_archive_class, open_h5
+from cvt_core.untrusted import open_regular_file
 from cvt_core.tensor_file import LazyTensors
 from cvt_core.weights import WeightLoadError, weight_table
 
@@ -54,55 +60,106 @@ def write_keras(state: CanonicalState, directory: str, weights: bool = True, mod
 
 
 def weights_file_has_head(path: str) -> bool:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return any(name in f for name in HEAD_GROUPS)
+    """Whether a Keras weights file holds the classification head, from its top-level groups, after the whole file
+    is walked (`cvt_core.h5_safety`: hard links only, plain datasets inside the file). One-line
+    `ConversionError` for a file that is refused."""
+    try:
+        with open_h5(path, KERAS_KIND) as checked:
+            return any(name in checked.file for name in HEAD_GROUPS)
+    except CheckpointError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
 
 
 def load_keras_weights_model(path: str, config: CvtConfig, with_head: Optional[bool] = None):
-    """A fresh Keras model for `config` with `load_weights(path)` applied."""
+    """A fresh Keras model for `config` with `load_weights(path)` applied, once the file passed the walk."""
     if not os.path.exists(path):
         raise ConversionError(path, "no such file")
-    try:
-        if with_head is None:
-            with_head = weights_file_has_head(path)
-    except OSError as exc:
-        raise ConversionError(path, f"not a readable HDF5 file (truncated or corrupt: {one_line(str(exc))[:200]})") from None
+    if with_head is None:
+        with_head = weights_file_has_head(path)  # walks the file
+    else:
+        try:
+            check_h5_file(path, KERAS_KIND)
+        except CheckpointError as exc:
+            raise ConversionError(None, one_line(str(exc))) from None
     model = new_keras_model(config, with_head)
     try:
         model.load_weights(path)  # strict: a file that does not fit the config raises a WeightLoadError
     except WeightLoadError as exc:
         raise describe(exc, path) from None
+    except CheckpointError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
     except Exception as exc:  # Keras raises ValueError / OSError / KeyError with long messages
         raise ConversionError(path, f"cannot be loaded into a model of this config: {_short(exc)}") from None
     return model
 
 
+CVT_KERAS_CLASSES = ("TFCvtModel", "TFCvtForImageClassification", "TFCvtBackbone")
+CVT_KERAS_MODULE = "cvt_tf.modeling_cvt"
+KERAS_ARCHIVE_MEMBERS = ("config.json", "metadata.json", "model.weights.h5")  # what Keras writes for our models
+
+
+def check_cvt_keras_config(config, path: str) -> CvtConfig:
+    """The CvT config inside a `.keras` archive's config.json, once it names one of our classes; one line
+    ("not a CvT model saved by cvt_tf: holds <class>") for another model, before Keras builds anything."""
+    holds = keras_archive_class(config)
+    if not (isinstance(config, dict) and config.get("class_name") in CVT_KERAS_CLASSES
+            and (config.get("module") == CVT_KERAS_MODULE
+                 or config.get("registered_name") == f"cvt_tf>{config.get('class_name')}")):
+        raise ConversionError(path, f"not a CvT model saved by cvt_tf: holds {holds}")
+    inner = config.get("config")
+    cvt = inner.get("config") if isinstance(inner, dict) else None
+    if not isinstance(cvt, dict):
+        raise ConversionError(path, f"its config.json holds no CvT config for {holds}")
+    try:
+        return CvtConfig.from_dict(cvt)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConversionError(path, f"its config.json holds an invalid CvT config: {_short(exc)}") from None
+
+
 def load_keras_model_file(path: str):
-    """`keras.models.load_model` of a `.keras` file written with our models."""
+    """Keras' `load_model` (`safe_mode=True`, `compile=False`) of a `.keras` file written with our models, after
+    `cvt_core.h5_safety.check_keras_archive` (bounded zip members, strict config.json, the weights walked whole)
+    and a check that it holds one of our classes. Keras reads the very file object that was checked."""
     if not os.path.exists(path):
         raise ConversionError(path, "no such file")
-    if not zipfile.is_zipfile(path):
-        raise ConversionError(path, "not a .keras archive (truncated or corrupt zip file)")
-    keras, _, _ = import_keras_models()
     try:
-        return keras.models.load_model(path)
-    except Exception as exc:
-        mismatch = _weights_mismatch(keras, path)
-        if mismatch is not None:  # Keras wraps our strict check's error in a long message of its own
-            raise describe(mismatch, path) from None
-        raise ConversionError(path, f"keras.models.load_model failed: {_short(exc)}") from None
+        with open_regular_file(path, CheckpointError) as fileobj:
+            archive = check_keras_archive(path, fileobj=fileobj)
+            check_cvt_keras_config(archive.config, path)
+            extra = [name for name in archive.members if name not in KERAS_ARCHIVE_MEMBERS]
+            if extra:
+                raise ConversionError(path, f"holds zip members a CvT .keras file does not (e.g. {extra[0]!r}); it "
+                                            f"holds only {', '.join(KERAS_ARCHIVE_MEMBERS)}")
+            keras, _, _ = import_keras_models()
+            fileobj.seek(0)
+            try:
+                return _keras_load_model(keras, fileobj, path)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                mismatch = _weights_mismatch(keras, path, archive.config)
+                if mismatch is not None:  # Keras wraps our strict check's error in a long message of its own
+                    raise describe(mismatch, path) from None
+                raise ConversionError(path, f"keras.models.load_model failed: {_short(exc)}") from None
+    except CheckpointError as exc:
+        raise ConversionError(None, one_line(str(exc))) from None
 
 
-def _weights_mismatch(keras, path: str):
+def _keras_load_model(keras, fileobj, path: str):
+    """`load_model(safe_mode=True, compile=False)` reading `fileobj` (the file checked) where this Keras can."""
+    from keras.src.saving import saving_lib
+
+    if hasattr(saving_lib, "_load_model_from_fileobj"):
+        return saving_lib.load_model(fileobj, custom_objects=None, compile=False, safe_mode=True)
+    return keras.models.load_model(path, compile=False, safe_mode=True)  # pragma: no cover - older Keras
+
+
+def _weights_mismatch(keras, path: str, config):
     """The strict check's `WeightLoadError` for a `.keras` file whose weights do not fit its own config, or None
     (also when the config itself does not build)."""
     from cvt_tf.modeling_cvt import check_keras_weights_file
 
     try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
         with no_random_draws(keras):
             model = keras.saving.deserialize_keras_object(config, safe_mode=True)
             check_keras_weights_file(model, path)

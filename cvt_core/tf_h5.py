@@ -12,13 +12,13 @@ its name in the file, so the caller's load plan reports it as unexpected.
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .errors import CheckpointError
 from .config import CvtConfig
+from .h5_safety import TF_KIND, H5Dataset, h5py_module, open_h5  # noqa: F401  (h5py_module: for the writer)
 from .tensor_file import LazyTensors
 from .weights import WeightEntry, weight_table
 
@@ -35,17 +35,9 @@ class TfH5Weights(LazyTensors):
         self.load_keras = load_keras
 
 
-def h5py_module(path: str):
-    """h5py, or a one-line CheckpointError saying that reading or writing `path` needs it."""
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - h5py is a dependency of the tf extra
-        raise CheckpointError(f"{path}: reading or writing it needs h5py (pip install h5py)") from None
-    return h5py
-
-
 def load_attributes_from_hdf5_group(group, name: str) -> List[str]:
-    """A string-list attribute as tf_keras stores it: whole, or split into `name0`, `name1`, ... chunks."""
+    """A string-list attribute as tf_keras stores it: whole, or split into `name0`, `name1`, ... chunks. For files
+    that are trusted (written here); untrusted ones are read through `CheckedH5.read_name_list`, which bounds it."""
     def _decode(values) -> List[str]:
         return [v.decode("utf8") if hasattr(v, "decode") else str(v) for v in values]
 
@@ -70,70 +62,56 @@ def _torch_shape(entry: WeightEntry, keras_shape: tuple) -> tuple:
     return tuple(entry.from_keras(np.broadcast_to(np.uint8(0), keras_shape)).shape)  # a view: no memory
 
 
-def _h5_reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "(" in text and ")" in text:
-        text = text[text.find("(") + 1: text.rfind(")")]
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_tf_h5(path: str, config: CvtConfig, with_head: Optional[bool] = None) -> TfH5Weights:
     """Open a `tf_model.h5` (ours or transformers') whose names follow `config`'s table; `with_head` defaults to
-    what its layer names say. Raises `CheckpointError` (one line) for a file that is not one."""
-    h5py = h5py_module(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
+    what its layer names say. The file is opened as a regular file and walked whole first (`cvt_core.h5_safety`:
+    hard links only, plain float datasets stored inside the file); raises `CheckpointError` (one line) for a file
+    that is not one, or is refused."""
+    checked = open_h5(path, TF_KIND)
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CheckpointError(f"{path}: not a readable HDF5 file (truncated or corrupt: {_h5_reason(exc)})") from None
-    try:
+        f = checked.file
         if "layer_names" not in f.attrs and "layer_names0" not in f.attrs:
             if "vars" in f or "layers" in f or any(k in f for k in ("cvt", "classifier")):
                 raise CheckpointError(f"{path}: this is a Keras 3 weights file (model.weights.h5), not transformers' "
                                       f"tf_model.h5; use --from keras")
             raise CheckpointError(f"{path}: not a transformers tf_model.h5 (no layer_names attribute)")
-        layer_names = load_attributes_from_hdf5_group(f, "layer_names")
+        layer_names = checked.read_name_list(f, "layer_names")
         if with_head is None:
             with_head = any(n != "cvt" for n in layer_names)
         by_path = {e.keras_path() + ":0": e for e in weight_table(config, with_head) if e.has_keras_twin}
-        datasets: Dict[str, object] = {}  # torch name (or raw h5 name when unknown) -> h5 dataset
+        datasets: Dict[str, Tuple[object, H5Dataset]] = {}  # torch name (or raw h5 name when unknown) -> dataset
         shapes: Dict[str, tuple] = {}
         dtypes: Dict[str, np.dtype] = {}
         for layer in layer_names:
-            if layer not in f:
+            group, facts = checked.get(f, layer)
+            if group is None:
                 raise CheckpointError(f"{path}: truncated or corrupt: layer group {layer!r} listed in layer_names is "
                                       f"missing")
-            group = f[layer]
-            for weight_name in load_attributes_from_hdf5_group(group, "weight_names"):
-                if weight_name not in group:
-                    raise CheckpointError(f"{path}: truncated or corrupt: dataset {layer}/{weight_name} is missing")
-                dataset = group[weight_name]
+            if facts is not None or not isinstance(group, checked.h5py.Group):
+                raise CheckpointError(f"{path}: layer {layer!r} listed in layer_names is a dataset, not a group")
+            for weight_name in checked.read_name_list(group, "weight_names"):
+                dataset, facts = checked.dataset(group, weight_name, f"layer {layer!r} weight")
                 entry = by_path.get(_strip_scope(weight_name))
                 if entry is None:
                     key = weight_name  # reported as unexpected by the plan
-                    shape = tuple(dataset.shape)
+                    shape = facts.shape
                 else:
                     key = entry.torch_name(with_head)
-                    shape = _torch_shape(entry, tuple(dataset.shape))
+                    shape = _torch_shape(entry, facts.shape)
                 if key in datasets:
-                    raise CheckpointError(f"{path}: variable {weight_name} appears twice")
-                datasets[key], shapes[key], dtypes[key] = dataset, shape, dataset.dtype
+                    raise CheckpointError(f"{path}: variable {weight_name!r} appears twice")
+                datasets[key], shapes[key], dtypes[key] = (dataset, facts), shape, facts.dtype
     except BaseException:
-        f.close()
+        checked.close()
         raise
     by_torch = {e.torch_name(with_head): e for e in weight_table(config, with_head)}
 
     def load_keras(key: str) -> np.ndarray:
-        dataset = datasets[key]
-        try:
-            return np.asarray(dataset[()])
-        except OSError as exc:
-            raise CheckpointError(f"{path}: truncated or corrupt: cannot read {dataset.name} "
-                                  f"({_h5_reason(exc)})") from None
+        dataset, facts = datasets[key]
+        return checked.read(dataset, facts)  # native byte order, checked again first
 
     def load(key: str) -> np.ndarray:
         value = load_keras(key)
         return np.asarray(by_torch[key].from_keras(value), order="C") if key in by_torch else value
 
-    return TfH5Weights(with_head, shapes, dtypes, load, load_keras, f.close)
+    return TfH5Weights(with_head, shapes, dtypes, load, load_keras, checked.close)

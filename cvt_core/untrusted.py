@@ -30,12 +30,28 @@ class Limits:
     PICKLE_MEMO = 1_000_000  # memo entries of one pickle
     PICKLE_CONTAINER = 1_000_000  # items in one pickled list, tuple or dict
     PICKLE_DEPTH = 64  # nesting of pickled containers
+    # estimated bytes of the Python objects one pickle builds, beyond the pickle's own length (a state dict's
+    # pickle builds about 2.5 KB per tensor: 25000 tensors fit)
+    PICKLE_OBJECTS = 64 * 1024 * 1024
     IMAGE_PIXELS = 64 * 1024 * 1024  # pixels of one decoded image (8192 x 8192)
     IMAGE_SIDE = 65536  # one side of an image, even when the product is small (1 x 60000 strips)
     # A config is refused when its model would need more than this: parameters, and activation elements of one
     # image at its image size (the largest stage's tokens times its widest layer, and its attention maps)
     MODEL_PARAMETERS = 2_000_000_000
     ACTIVATION_ELEMENTS = 2_000_000_000
+    # HDF5 files (tf_model.h5, model.weights.h5; cvt_core.h5_safety): links walked in one file (a CvT-W24
+    # tf_model.h5 has a few thousand), the stored size of one attribute, and the names read from name-list
+    # attributes (how many in one file, and the characters of one)
+    H5_LINKS = 1_000_000
+    H5_ATTRIBUTE_BYTES = 1024 * 1024
+    H5_NAMES = 100_000
+    H5_NAME_CHARS = 512
+    # .keras archives (zip): members, and how far members may expand: a member over ZIP_SMALL_MEMBER bytes may
+    # declare at most ZIP_RATIO times its compressed size, and all members together at most ZIP_RATIO times the
+    # archive's size plus ZIP_SMALL_MEMBER (Keras 3 stores members uncompressed: ratio 1)
+    ZIP_MEMBERS = 10_000
+    ZIP_RATIO = 20
+    ZIP_SMALL_MEMBER = 16 * 1024 * 1024
 
 
 def _describe_kind(mode: int) -> str:
