@@ -8,9 +8,25 @@ Compared outputs: `logits` (classifier), `cls_token_value` (bare model with a cl
 
     max |target - reference| <= atol * max(1, max |reference|)
 
-The default `atol` is 1e-5 for float32 weights; a cast to float16 or bfloat16 changes the weights themselves,
-so its default is looser (see DEFAULT_ATOL). Top-1 agreement of the logits is printed but does not decide the
-result (two logits within tolerance of a tie may swap).
+where `max |reference|` is taken over that output of the source (the reference) on the whole batch, so the limit
+is absolute for outputs of magnitude up to 1 and relative to the largest value above that. The default `atol` is
+1e-5 for float32 weights; a cast to float16 or bfloat16 changes the weights themselves, so its default is looser
+(see DEFAULT_ATOL: 1e-2 for float16, 5e-2 for bfloat16); `--atol` overrides it. Top-1 agreement of the logits is
+printed but does not decide the result (two logits within tolerance of a tie may swap).
+
+What the reference itself computes is judged before any comparison, because a relative limit would let garbage
+pass (weights made of /etc/passwd bytes give logits near 1e29, and a difference of 1e28 is then within limits):
+
+- NaN or Inf in any reference output (logits, cls_token_value, hidden_states.i) is a refusal, `ConversionError`,
+  exit status 2: "the source model's logits contain NaN: the weights are not a trained model's".
+- max |reference| of any output above REFUSE_MAGNITUDE (1e6) is a refusal too (exit 2): "... logits reach
+  1.7e+29 (above 1e+06): the weights are not what a trained model holds".
+- above REMARK_MAGNITUDE (1e4), up to REFUSE_MAGNITUDE, the check runs and a remark is printed under the table
+  and in the summary line: "remark: logits reach 2.5e+04: the weights are not what a trained model holds"
+  (trained CvT logits stay in the tens).
+
+NaN or Inf in a written format's output while the reference is finite fails the check (exit 1), named as such
+("model.keras: logits contain 6 NaN where the reference's are finite"), not as a difference of nan.
 
 Models are built one at a time and released before the next, so the check needs memory for one model.
 """
@@ -29,6 +45,8 @@ from cvt_core.shapes import default_input_size
 from .errors import ConversionError
 
 DEFAULT_ATOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+REMARK_MAGNITUDE = 1e4  # max |reference output| above this: a remark (trained CvT logits stay in the tens)
+REFUSE_MAGNITUDE = 1e6  # ... above this: a refusal (exit 2), no trained model computes such values
 SEED = 0
 BATCH = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,28 +67,35 @@ def seeded_batch(config: CvtConfig, seed: int = SEED, batch: int = BATCH) -> Tup
 def load_image(path: str, config: CvtConfig) -> Tuple[np.ndarray, str]:
     """One image through the released checkpoints' preprocessing: at 224, bicubic resize of the short side to
     int(224 / 0.875) and a center crop; at 384 and above, a straight bicubic resize; then 1/255 and ImageNet
-    mean/std, channels first."""
+    mean/std, channels first. The file is read by `cvt_core.image_processing.read_image_file` (a regular file
+    whose declared size is within `Limits` before it is decoded; EXIF orientation applied)."""
     try:
         from PIL import Image
+
+        from cvt_core.image_processing import check_image_size, read_image_file
     except ImportError:
         raise ConversionError(path, "--image needs Pillow (pip install pillow)") from None
     height, width = default_input_size(config)
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if height == width and height < 384:
-                short = int(height / 0.875)
-                w, h = image.size
-                scale = short / min(w, h)
-                image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BICUBIC)
-                w, h = image.size
-                left, top = (w - width) // 2, (h - height) // 2
-                image = image.crop((left, top, left + width, top + height))
-            else:
-                image = image.resize((width, height), Image.BICUBIC)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+        image = read_image_file(path)
+        if height == width and height < 384:
+            short = int(height / 0.875)
+            w, h = image.size
+            scale = short / min(w, h)
+            size = (max(short, round(w * scale)), max(short, round(h * scale)))
+            check_image_size(*size, f"{path} resized to {size[0]}x{size[1]}")  # a thin strip would be huge
+            image = image.resize(size, Image.BICUBIC)
+            w, h = image.size
+            left, top = (w - width) // 2, (h - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        else:
+            check_image_size(width, height, f"{path} resized to {width}x{height}")
+            image = image.resize((width, height), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise ConversionError(path, "no such image file") from None
+    except ValueError as exc:  # ImageLoadError and ImageTooLargeError: one line that starts with the path
+        raise ConversionError(None, " ".join(str(exc).split())) from None
     except OSError as exc:
         raise ConversionError(path, f"cannot read the image ({exc})") from None
     if config.num_channels != 3:
@@ -90,6 +115,7 @@ class CheckResult:
     diffs: Dict[str, Dict[str, float]] = field(default_factory=dict)  # column -> row -> max |diff| (nan: missing)
     top1: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # column -> (agreeing, total)
     failures: List[str] = field(default_factory=list)
+    remarks: List[str] = field(default_factory=list)  # what the reference's magnitudes say about the weights
 
     @property
     def ok(self) -> bool:
@@ -125,6 +151,12 @@ def compare(reference: Dict[str, np.ndarray], result: CheckResult, label: str, o
             result.failures.append(f"{label}: {name} " + ("missing" if got is None else f"has shape {got.shape}, "
                                                                                         f"reference {ref.shape}"))
             continue
+        bad = int(np.count_nonzero(~np.isfinite(got))) if got.size and np.issubdtype(got.dtype, np.inexact) else 0
+        if bad:
+            column[name] = math.inf
+            result.failures.append(f"{label}: {name} contain {_non_finite_text(got, bad)} where the reference's are "
+                                   f"finite")
+            continue
         diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
         column[name] = diff
         if not diff <= result.limits[name]:  # also catches NaN
@@ -135,9 +167,40 @@ def compare(reference: Dict[str, np.ndarray], result: CheckResult, label: str, o
         result.top1[label] = (agree, reference["logits"].shape[0])
 
 
+def _non_finite_text(values: np.ndarray, count: int) -> str:
+    """`6 NaN`, `2 Inf`, `3 NaN or Inf` (of `count` non-finite values)."""
+    nans = int(np.count_nonzero(np.isnan(values)))
+    return f"{count} " + ("NaN" if nans == count else "Inf" if nans == 0 else "NaN or Inf")
+
+
+def judge_reference(reference: Dict[str, np.ndarray], source: Optional[str] = None,
+                    subject: str = "the reference model's") -> List[str]:
+    """The remarks on the reference outputs' magnitudes (see the module docstring); NaN or Inf in any output, or
+    a magnitude above REFUSE_MAGNITUDE, is a one-line `ConversionError` about `source` (exit status 2)."""
+    remarks = []
+    for name, values in reference.items():
+        values = np.asarray(values)
+        if not values.size or not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            kinds = _non_finite_text(values, bad).split(" ", 1)[1]
+            raise ConversionError(source, f"{subject} {name} contain {kinds} ({bad} of {values.size} values): the "
+                                          f"weights are not a trained model's")
+        peak = float(np.max(np.abs(values.astype(np.float64))))
+        if peak > REFUSE_MAGNITUDE:
+            raise ConversionError(source, f"{subject} {name} reach {peak:.2g} (above {REFUSE_MAGNITUDE:g}): the "
+                                          f"weights are not what a trained model holds")
+        if peak > REMARK_MAGNITUDE:
+            remarks.append(f"{name} reach {peak:.2g}: the weights are not what a trained model holds")
+    return remarks
+
+
 def _fmt(value: float) -> str:
     if math.isnan(value):
         return "missing"
+    if math.isinf(value):
+        return "NaN/Inf"
     return "0" if value == 0 else f"{value:.2e}"
 
 
@@ -163,13 +226,17 @@ def format_table(result: CheckResult) -> str:
             agree, total = result.top1.get(column, (0, 0))
             cells.append("  " + (f"{agree}/{total}" if total else "-").rjust(w))
         lines.append("  " + "top-1 agreement".ljust(width0) + "  " + "".rjust(9) + "".join(cells))
+    lines.extend(f"remark: {remark}" for remark in result.remarks)
     return "\n".join(lines)
 
 
 def build_result(reference_label: str, reference: Dict[str, np.ndarray], targets: List[Tuple[str, Dict[str, np.ndarray]]],
-                 input_description: str, atol: float) -> CheckResult:
-    """Compare each target's outputs with the reference's."""
-    result = CheckResult(input_description, reference_label, atol)
+                 input_description: str, atol: float, source: Optional[str] = None,
+                 subject: str = "the reference model's") -> CheckResult:
+    """Judge the reference (`judge_reference`: a refusal about `source`, or remarks), then compare each target's
+    outputs with it."""
+    remarks = judge_reference(reference, source, subject)
+    result = CheckResult(input_description, reference_label, atol, remarks=remarks)
     for label, outputs in targets:
         compare(reference, result, label, outputs)
     if not targets:  # keep the rows (and limits) for the report

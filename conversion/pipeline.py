@@ -2,6 +2,11 @@
 
 Each prints a human report through `echo` and returns a `Report`; user errors raise `ConversionError`, a failed
 cross-check raises `CrossCheckFailed` (after the report is printed and the partial output removed).
+
+Weights that are not a trained model's are user errors (`ConversionError`, exit status 2), not failed checks: a
+tensor of a dtype no weight may have, NaN or Inf in a weight (`conversion.state`), and NaN, Inf or an absurd
+magnitude in what the source model computes (`crosscheck.judge_reference`). Smaller but still implausible
+magnitudes give a remark, printed under the table and in the summary line.
 """
 
 from __future__ import annotations
@@ -137,11 +142,15 @@ def _written_jobs(directory: str, with_head: Optional[bool], pixels: np.ndarray)
     return [_target_job(label, path, config, with_head, pixels) for label, path in formats_in_directory(directory)]
 
 
+def _remarks(result: Optional[crosscheck.CheckResult]) -> str:
+    return "".join(f"; remark: {remark}" for remark in (result.remarks if result is not None else ()))
+
+
 def _summary_ok(result: crosscheck.CheckResult, what: str) -> str:
     formats = f"all {len(result.columns)} formats ({', '.join(result.columns)})" if len(result.columns) > 1 \
         else result.columns[0]
     return (f"OK: {formats} {what} within tolerance (largest difference {result.worst:.2e}, "
-            f"{result.worst_ratio:.1%} of its limit; atol {result.atol:g})")
+            f"{result.worst_ratio:.1%} of its limit; atol {result.atol:g})" + _remarks(result))
 
 
 def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[str] = "all", config: Optional[str] = None,
@@ -159,6 +168,9 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
     state = open_source(local, from_format, config, hidden_act=hidden_act, dtype=dtype)
     report = Report(destination=dst)
     try:
+        if state.keras_model is not None:
+            # a loaded .keras model may be written and run as it is, never read tensor by tensor: check it whole
+            state.check_values()
         echo(f"source: {src}" + (f" ({local})" if local != src else ""))
         echo(f"  {describe_state(state)}")
         if state.cast:
@@ -182,7 +194,7 @@ def convert(src: str, dst: str, from_format: str = "auto", to: str | Sequence[st
                 run_jobs([reference] + jobs, "keras", outputs)
                 label = f"the source ({FRAMEWORK_NAMES[state.framework]} on {os.path.basename(state.source) or state.source})"
                 result = crosscheck.build_result(label, outputs.pop(REFERENCE), [(c, outputs[c]) for c, _, _ in jobs],
-                                                 description, tol)
+                                                 description, tol, source=state.source, subject="the source model's")
                 report.check = result
                 echo(crosscheck.format_table(result))
                 if not result.ok:
@@ -232,10 +244,11 @@ def verify(directory: str, atol: Optional[float] = None, image: Optional[str] = 
     for framework in ("torch", "keras"):
         run_jobs(jobs, framework, outputs)
     result = crosscheck.build_result(jobs[0][0], outputs[jobs[0][0]], [(c, outputs[c]) for c, _, _ in jobs[1:]],
-                                     description, tol)
+                                     description, tol, source=ref_path, subject="the model's")
     report = Report(destination=directory, check=result)
     if not rest:
-        report.summary = f"OK: {os.path.basename(ref_path)} loads and runs; it is the only format, nothing to compare"
+        report.summary = (f"OK: {os.path.basename(ref_path)} loads and runs; it is the only format, nothing to compare"
+                          + _remarks(result))
         echo(report.summary)
         return report
     echo(crosscheck.format_table(result))
@@ -288,6 +301,6 @@ def demo(preset: str = "cvt-13", out: Optional[str] = None, force: bool = False,
         report.summary = (f"demo OK: all {len(result.columns)} formats ({', '.join(result.columns)}) agree with the "
                           f"source within tolerance (largest difference {result.worst:.2e}, {result.worst_ratio:.1%} of its limit; "
                           f"atol {result.atol:g}); "
-                          f"files {where}")
+                          f"files {where}" + _remarks(result))
         echo(report.summary)
         return report

@@ -6,7 +6,13 @@ Tensors are read lazily, one at a time, so a conversion streams a checkpoint ins
 peak memory stays near one tensor plus whatever the frameworks need for the cross-check.
 
 Every reader goes through `make_state`, which matches the checkpoint against `cvt_core.weights.plan_load` (the one
-name table) and refuses missing, unexpected or mis-shaped weights with a one-line error.
+name table) and refuses missing, unexpected or mis-shaped weights with a one-line error, and weights of a dtype no
+weight may have (`cvt_core.weights.dtype_problem`: a weight is float16, bfloat16, float32 or float64,
+`num_batches_tracked` an integer; complex, bool, integer-for-float, object and string tensors are refused, never
+cast). Every value read through `array` / `keras_array` is checked as it is read (`cvt_core.weights.value_problem`):
+NaN or Inf in a weight, or a `--dtype` cast that overflows, is a one-line `ConversionError` naming the tensor and
+the count (exit status 2), never a cross-check to fail later. `check_values` reads them all up front, for sources
+held in memory (a loaded `.keras` model) whose tensors a conversion may never read one by one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import numpy as np
 from cvt_core.config import CvtConfig
 from cvt_core.dtypes import is_float, numpy_dtype
 from cvt_core.tensor_file import LazyTensors
-from cvt_core.weights import BACKBONE_PREFIX, WeightEntry, WeightLoadError, plan_load, weight_table
+from cvt_core.weights import (BACKBONE_PREFIX, WeightEntry, WeightLoadError, dtype_problem, plan_load, value_problem,
+                              weight_table)
 
 from .errors import ConversionError, describe
 
@@ -56,20 +63,34 @@ class CanonicalState:
             if entry.leaf == "num_batches_tracked":
                 return np.zeros(entry.shape, np.int64)
             raise KeyError(key)  # make_state has already refused this
-        value = self.tensors[key]
-        if self.cast is not None and is_float(value.dtype) and value.dtype.name != self.cast:
-            value = value.astype(self._cast_dtype())
-        return value
+        return self._checked(key, self.tensors[key])
 
     def keras_array(self, entry: WeightEntry) -> np.ndarray:
         """The entry's value in Keras layout (cast if requested). Only for entries with a Keras twin."""
         key = self.name(entry)
         if self.keras_loader is None or key not in self.tensors:
             return entry.to_keras(self.array(entry))
-        value = self.keras_loader(key)
-        if self.cast is not None and is_float(value.dtype) and value.dtype.name != self.cast:
-            value = value.astype(self._cast_dtype())
-        return value
+        return self._checked(key, self.keras_loader(key))
+
+    def _checked(self, key: str, value: np.ndarray) -> np.ndarray:
+        """`value` (the tensor `key` as read) cast if requested, once it passes the rule; else a one-line
+        `ConversionError` naming the tensor. Values must be finite and fit the dtype they will be held in: the
+        `--dtype` cast's, else float32 (what both frameworks' models, and so the Keras files, hold)."""
+        problem = dtype_problem(key, value.dtype)  # make_state checked the declared dtype; this is the array read
+        casting = self.cast is not None and is_float(value.dtype) and value.dtype.name != self.cast
+        if problem is None:
+            problem = value_problem(value, into=self._cast_dtype() if casting else np.float32)
+        if problem is not None:
+            hint = f"--dtype {self.cast} cannot hold it" if casting and "beyond the range" in problem \
+                else "refusing to convert: a trained model's weights are finite floating-point numbers"
+            raise ConversionError(self.source, f"weight {key} {problem}; {hint}")
+        return value.astype(self._cast_dtype()) if casting else value
+
+    def check_values(self) -> None:
+        """Read every tensor once and apply the value rule (see the module docstring)."""
+        for entry in self.entries():
+            if self.name(entry) in self.tensors:
+                self.array(entry)
 
     def stored_dtype(self, entry: WeightEntry) -> np.dtype:
         key = self.name(entry)
@@ -123,13 +144,12 @@ def make_state(config: CvtConfig, tensors: LazyTensors, source: str, fmt: str, f
             plan = plan_load(config, with_head, shapes)
         try:
             plan.check(source, strict=True)
+            # keys of the canonical state: target names; plan.assignments maps target -> checkpoint key
+            plan.check_dtypes(source, tensors.dtypes)
         except WeightLoadError as exc:
+            if exc.bad_dtype and not (exc.missing or exc.unexpected or exc.mismatched):
+                raise ConversionError(exc.source, exc.summary()) from None
             raise describe(exc) from None
-        # keys of the canonical state: target names; plan.assignments maps target -> checkpoint key
-        for target, key in plan.assignments.items():
-            dtype = tensors.dtype(key)
-            if not (is_float(dtype) or target.endswith("num_batches_tracked")):
-                raise ConversionError(source, f"tensor {key} has dtype {dtype.name}, expected a floating-point weight")
     except BaseException:
         tensors.close()
         raise

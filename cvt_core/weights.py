@@ -12,16 +12,30 @@ belongs to, and its PyTorch shape. Every other name is derived from that entry:
 
 Layout: PyTorch conv kernels are (out, in/groups, kh, kw), Keras (kh, kw, in/groups, out); PyTorch dense weights
 are (out, in), Keras (in, out), square ones too.
+
+Loading (`plan_load`, `LoadPlan`, `WeightLoadError`) is strict everywhere: both frameworks' `from_pretrained` and the
+converter (`conversion.state`) refuse missing, unexpected and mis-shaped weights, and apply one rule to what a
+tensor may hold:
+
+- dtype (`dtype_problem`): a weight is float16, bfloat16, float32 or float64; `num_batches_tracked` an integer.
+  Complex, bool, integer-for-float, other floats (float8, float128), object and string tensors are refused, never
+  cast, whatever `strict` says; they are listed in `WeightLoadError.bad_dtype` (name and dtype).
+- values (`value_problem`): every float weight is checked as it is loaded (one min and one max per tensor): NaN or
+  Inf, or a value beyond the dtype the model holds it in (float32; the `--dtype` of a conversion), is a one-line
+  refusal naming the tensor and the count (`NonFiniteWeightError` in `from_pretrained`).
+- a classifier checkpoint loaded into the bare model drops its head (`layernorm.*`, `classifier.*`, as transformers
+  does) and nothing else: any other tensor the bare model lacks is unexpected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .config import CvtConfig
+from .errors import CheckpointError
 
 BACKBONE_PREFIX = "cvt."  # transformers' `base_model_prefix`: backbone names inside CvtForImageClassification
 
@@ -183,13 +197,96 @@ def count_parameters(config: CvtConfig, with_head: bool = True) -> int:
     return sum(int(np.prod(e.shape)) for e in weight_table(config, with_head) if e.trainable)
 
 
+# ------------------------------------------------------------------------------------------------ weight values
+# The one rule on what a checkpoint tensor may hold, applied by every loader: both frameworks' `from_pretrained`
+# (through `LoadPlan.check_dtypes` and `check_weight_value`) and the converter (`conversion.state`).
+FLOAT_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # what a weight may be stored as
+COUNTER_LEAF = "num_batches_tracked"  # BatchNorm's batch counter: an integer (any width, signed or not)
+FLOAT_WEIGHT_RULE = "a weight is float16, bfloat16, float32 or float64; num_batches_tracked an integer"
+
+
+def dtype_label(dtype) -> str:
+    """A dtype's name as messages show it (`complex64`, `bool`, `object`, `bfloat16`)."""
+    return np.dtype(dtype).name
+
+
+def dtype_problem(name: str, dtype) -> Optional[str]:
+    """None when a checkpoint tensor of `dtype` may fill the weight `name` (a state-dict name or just its leaf);
+    else what is wrong, e.g. `complex64, expected a floating-point weight`.
+
+    Floating-point weights must be stored as one of FLOAT_WEIGHT_DTYPES, `num_batches_tracked` as an integer.
+    Everything else (complex, whose imaginary part a cast would drop; bool; integers where a float is expected;
+    float8 and other exotic floats; object or string arrays) is refused, never cast."""
+    dtype = np.dtype(dtype)
+    if name.rsplit(".", 1)[-1] == COUNTER_LEAF:
+        return None if dtype.kind in "iu" else f"{dtype_label(dtype)}, expected an integer counter"
+    if dtype.name in FLOAT_WEIGHT_DTYPES:
+        return None
+    return f"{dtype_label(dtype)}, expected a floating-point weight (float16, bfloat16, float32 or float64)"
+
+
+def value_problem(array: np.ndarray, into=np.float32) -> Optional[str]:
+    """None when a floating-point weight holds only finite values that fit `into` (the dtype the model holds it
+    in, float32 for both frameworks' models; None: no such limit); else what is wrong, e.g. `holds 3 non-finite
+    values (NaN or Inf) of 1,024`. Integer and empty tensors pass. Cheap: one min and one max over the tensor;
+    the non-finite values are counted only when there are some."""
+    array = np.asarray(array)
+    if array.size == 0 or not (array.dtype.kind == "f" or array.dtype.name == "bfloat16"):
+        return None
+    low, high = array.min(), array.max()  # NaN propagates through both
+    if not (np.isfinite(low) and np.isfinite(high)):
+        count = int(np.count_nonzero(~np.isfinite(array)))
+        nans = int(np.count_nonzero(np.isnan(array)))
+        kinds = "NaN" if nans == count else "Inf" if nans == 0 else "NaN or Inf"
+        return f"holds {count:,} non-finite value{'s' if count != 1 else ''} ({kinds}) of {array.size:,}"
+    if into is not None:
+        limit = _largest(np.dtype(into))
+        peak = max(abs(float(low)), abs(float(high)))
+        if limit is not None and peak > limit:
+            return f"holds values up to {peak:.3g}, beyond the range of {np.dtype(into).name} (max {limit:.3g})"
+    return None
+
+
+def _largest(dtype: np.dtype) -> Optional[float]:
+    """The largest finite value of a floating dtype (bfloat16 through ml_dtypes), None for any other."""
+    if dtype.kind == "f":
+        return float(np.finfo(dtype).max)
+    if dtype.name == "bfloat16":
+        import ml_dtypes  # present wherever NumPy holds bfloat16
+
+        return float(ml_dtypes.finfo(dtype).max)
+    return None
+
+
+class NonFiniteWeightError(CheckpointError):
+    """A weight holds NaN or Inf (or values its model's dtype cannot hold): one line naming the checkpoint, the
+    tensor and the count. A `CheckpointError`, so the command line reports it as any unreadable checkpoint."""
+
+    def __init__(self, source: str, name: str, problem: str):
+        self.source, self.name, self.problem = source, name, problem
+        super().__init__(f"{source}: weight {name} {problem}; refusing to load: a trained model's weights are finite")
+
+
+def check_weight_value(source: str, name: str, array: np.ndarray, into=np.float32) -> np.ndarray:
+    """`array`, after `value_problem` found nothing wrong with it; else a `NonFiniteWeightError`."""
+    problem = value_problem(array, into)
+    if problem is not None:
+        raise NonFiniteWeightError(source, name, problem)
+    return array
+
+
 # ------------------------------------------------------------------------------------------------ loading plans
 class WeightLoadError(ValueError):
-    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped weights."""
+    """A checkpoint does not fit the model: lists missing, unexpected, mis-shaped weights and weights of a dtype no
+    weight may have (`bad_dtype`: (name, dtype name); see `dtype_problem`)."""
 
-    def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[Tuple[str, tuple, tuple]]):
+    def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str],
+                 mismatched: Sequence[Tuple[str, tuple, tuple]], bad_dtype: Sequence[Tuple[str, str]] = ()):
         self.source, self.missing, self.unexpected, self.mismatched = source, list(missing), list(unexpected), list(mismatched)
-        lines = [f"{source}: the checkpoint does not match the model's config"]
+        self.bad_dtype = list(bad_dtype)
+        fits = self.missing or self.unexpected or self.mismatched
+        lines = [f"{source}: the checkpoint does not match the model's config" if fits
+                 else f"{source}: the checkpoint holds weights of a dtype no weight may have"]
 
         def _block(title: str, items: List[str]) -> None:
             if items:
@@ -201,9 +298,38 @@ class WeightLoadError(ValueError):
         _block("unexpected weights", self.unexpected)
         _block("mis-shaped weights (name: checkpoint shape vs model shape)",
                [f"{name}: {tuple(got)} vs {tuple(want)}" for name, want, got in self.mismatched])
-        lines.append("Check that config.json belongs to these weights, or pass strict=False / "
-                     "ignore_mismatched_sizes=True to re-initialise what does not fit.")
+        _block(f"weights of a wrong dtype (name: checkpoint dtype; {FLOAT_WEIGHT_RULE})",
+               [f"{name}: {dtype}" for name, dtype in self.bad_dtype])
+        if fits:
+            lines.append("Check that config.json belongs to these weights, or pass strict=False / "
+                         "ignore_mismatched_sizes=True to re-initialise what does not fit.")
+        if self.bad_dtype:
+            lines.append("Weights of a wrong dtype are never cast (a cast would drop an imaginary part or turn "
+                         "integers into weights); strict=False does not load them.")
         super().__init__("\n".join(lines))
+
+    def summary(self) -> str:
+        """One line: the counts and the first example of each kind (the command line's form of this error)."""
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (e.g. {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (e.g. {self.unexpected[0]})")
+        if self.mismatched:
+            name, want, got = self.mismatched[0]
+            parts.append(f"{len(self.mismatched)} mis-shaped (e.g. {name}: weights {tuple(got)} vs config {tuple(want)})")
+        if self.bad_dtype:
+            name, dtype = self.bad_dtype[0]
+            parts.append(f"{len(self.bad_dtype)} of a wrong dtype (e.g. {name}: {dtype})")
+        if self.missing or self.unexpected or self.mismatched:
+            return ("the weights do not match the config: " + "; ".join(parts)
+                    + "; check that the config belongs to these weights")
+        return f"refusing weights of a wrong dtype, never cast: {parts[0]}; {FLOAT_WEIGHT_RULE}"
+
+
+# A classifier checkpoint's head, which loading it into the bare model drops as transformers does. Only these: any
+# other tensor of the checkpoint that the bare model does not use is unexpected.
+HEAD_PREFIXES = ("layernorm.", "classifier.")
 
 
 @dataclass
@@ -215,21 +341,35 @@ class LoadPlan:
     unexpected: List[str]
     mismatched: List[Tuple[str, tuple, tuple]]  # (target name, model shape, checkpoint shape)
     fresh_head: List[str]  # head weights absent from a backbone-only checkpoint: initialised, not loaded
+    bad_dtype: List[Tuple[str, str]] = field(default_factory=list)  # (target name, checkpoint dtype): never loaded
 
     def check(self, source: str, strict: bool = True, ignore_mismatched_sizes: bool = False) -> None:
+        """Raise `WeightLoadError` for what does not fit. A wrong dtype is refused whatever `strict` and
+        `ignore_mismatched_sizes` say."""
         problems_missing = self.missing if strict else []
         problems_unexpected = self.unexpected if strict else []
         problems_mismatched = [] if ignore_mismatched_sizes else self.mismatched
-        if problems_missing or problems_unexpected or problems_mismatched:
-            raise WeightLoadError(source, problems_missing, problems_unexpected, problems_mismatched)
+        if problems_missing or problems_unexpected or problems_mismatched or self.bad_dtype:
+            raise WeightLoadError(source, problems_missing, problems_unexpected, problems_mismatched, self.bad_dtype)
+
+    def check_dtypes(self, source: str, checkpoint_dtypes: Mapping[str, object]) -> None:
+        """Apply the dtype rule (`dtype_problem`) to every tensor the plan loads: a `WeightLoadError` listing each
+        one of a wrong dtype. For a plan made without `checkpoint_dtypes`."""
+        bad = [(target, dtype_label(checkpoint_dtypes[key])) for target, key in self.assignments.items()
+               if dtype_problem(target, checkpoint_dtypes[key]) is not None]
+        if bad:
+            raise WeightLoadError(source, [], [], [], bad)
 
 
-def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str, Sequence[int]]) -> LoadPlan:
+def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str, Sequence[int]],
+              checkpoint_dtypes: Optional[Mapping[str, object]] = None) -> LoadPlan:
     """Match checkpoint keys (transformers PyTorch names, classifier or bare model) against the model's table.
 
-    A classifier checkpoint loads into a bare model (its head is ignored, as in transformers); a bare checkpoint
-    loads into a classifier with a freshly initialised head (reported in `fresh_head`). `num_batches_tracked`
-    may be absent (older checkpoints); it then starts at 0.
+    A classifier checkpoint loads into a bare model (its head, `layernorm.*` and `classifier.*`, is ignored, as in
+    transformers; any other tensor the bare model lacks is unexpected); a bare checkpoint loads into a classifier
+    with a freshly initialised head (reported in `fresh_head`). `num_batches_tracked` may be absent (older
+    checkpoints); it then starts at 0. With `checkpoint_dtypes`, tensors of a dtype no weight may have
+    (`dtype_problem`) go to `bad_dtype` instead of `assignments`.
     """
     keys = set(checkpoint_shapes)
     source_has_prefix = any(k.startswith(BACKBONE_PREFIX) for k in keys)
@@ -237,12 +377,13 @@ def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str
     missing: List[str] = []
     mismatched: List[Tuple[str, tuple, tuple]] = []
     fresh_head: List[str] = []
+    bad_dtype: List[Tuple[str, str]] = []
     used = set()
     for entry in weight_table(config, with_head):
         target = entry.torch_name(with_head)
         source_key = (BACKBONE_PREFIX + entry.name) if (source_has_prefix and not entry.in_head) else entry.name
         if source_key not in keys:
-            if entry.leaf == "num_batches_tracked":
+            if entry.leaf == COUNTER_LEAF:
                 continue
             if entry.in_head and not source_has_prefix:
                 fresh_head.append(target)
@@ -254,10 +395,12 @@ def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str
         if got != tuple(entry.shape):
             mismatched.append((target, tuple(entry.shape), got))
             continue
+        if checkpoint_dtypes is not None and dtype_problem(target, checkpoint_dtypes[source_key]) is not None:
+            bad_dtype.append((target, dtype_label(checkpoint_dtypes[source_key])))
+            continue
         assignments[target] = source_key
     unexpected = sorted(keys - used)
     if not with_head and source_has_prefix:
-        # transformers' classifier head is expected extra baggage when loading into the bare model.
-        unexpected = [k for k in unexpected if k.startswith(BACKBONE_PREFIX)]
-    return LoadPlan(assignments, missing, unexpected, mismatched, fresh_head)
-
+        # transformers' classifier head is expected extra baggage when loading into the bare model; nothing else is.
+        unexpected = [k for k in unexpected if not k.startswith(HEAD_PREFIXES)]
+    return LoadPlan(assignments, missing, unexpected, mismatched, fresh_head, bad_dtype)

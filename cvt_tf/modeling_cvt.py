@@ -65,7 +65,7 @@ from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtMod
 from cvt_core.shapes import (attention_projection, check_pixel_values_shape, default_input_size,
                              minimum_input_size)
 from cvt_core.training import announce_inferred_problem_type
-from cvt_core.weights import WeightLoadError, weight_table
+from cvt_core.weights import WeightLoadError, check_weight_value, weight_table
 
 from .backend import BACKEND, JAX, TF, tensorflow
 from .layers import CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization, depthwise_conv
@@ -805,19 +805,24 @@ def _stored_shapes(h5_file) -> Dict[str, tuple]:
     return shapes
 
 
-def keras_store_shapes(store) -> Optional[Dict[str, tuple]]:
+def keras_store_shapes(store, source: Optional[str] = None) -> Optional[Dict[str, tuple]]:
     """{variable path: shape} of everything a Keras weights store holds (every shard of a sharded one), the
-    optimizer's state left out; None for a store kind this does not read (`.npz`)."""
+    optimizer's state left out; None for a store kind this does not read (`.npz`). Each HDF5 file is walked whole
+    first (`cvt_core.h5_safety.check_h5`, Keras rules: hard links only, plain datasets stored inside the file),
+    so Keras reads nothing from a file that would pull bytes from elsewhere or expand in memory."""
+    from cvt_core.h5_safety import KERAS_KIND, check_h5, open_h5
+
     if isinstance(store, saving_lib.ShardedH5IOStore):
         shards = set()
         for files in store.sharding_config["weight_map"].values():
             shards.update(files if isinstance(files, list) else [files])
         shapes: Dict[str, tuple] = {}
         for shard in sorted(shards):
-            with h5py.File(store.path.with_name(shard), "r") as f:
-                shapes.update(_stored_shapes(f))
+            with open_h5(os.fspath(store.path.with_name(shard)), KERAS_KIND) as checked:
+                shapes.update(_stored_shapes(checked.file))
         return shapes
     if isinstance(store, saving_lib.H5IOStore):
+        check_h5(store.h5_file, source or _store_source(store), KERAS_KIND)
         return _stored_shapes(store.h5_file)
     return None
 
@@ -837,7 +842,7 @@ def check_keras_weights(model: keras.Model, store, source: Optional[str] = None)
     missing, unexpected and mis-shaped. (Keras alone loads such files silently: a variable it finds nowhere and
     sub-layers it never visits are skipped, and a layer that fails under one path is retried, and passes, under
     another.)"""
-    stored = keras_store_shapes(store)
+    stored = keras_store_shapes(store, source)
     if stored is None:
         return
     names = {}
@@ -858,9 +863,14 @@ def check_keras_weights(model: keras.Model, store, source: Optional[str] = None)
 
 def check_keras_weights_file(model: keras.Model, path: str) -> None:
     """`check_keras_weights` on a `.weights.h5`, sharded `.weights.json` or `.keras` file (the weights inside);
-    other files are left to Keras."""
+    other files are left to Keras. Each file is first opened as a regular file and checked whole
+    (`cvt_core.h5_safety`: a `.keras` archive's members bounded, its config.json strict JSON, every HDF5 file
+    walked), raising a one-line `CheckpointError` before Keras reads a byte of it."""
+    from cvt_core.h5_safety import KERAS_KIND, check_h5_file, check_keras_archive
+
     path = os.fspath(path)
     if path.endswith(".keras"):
+        check_keras_archive(path)
         with zipfile.ZipFile(path, "r") as archive:
             if KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
                 return
@@ -871,6 +881,7 @@ def check_keras_weights_file(model: keras.Model, path: str) -> None:
                 store.close()
         return
     if path.endswith(".weights.h5"):
+        check_h5_file(path, KERAS_KIND)
         store = saving_lib.H5IOStore(path, mode="r")
     elif path.endswith(".weights.json"):
         store = saving_lib.ShardedH5IOStore(path, mode="r")
@@ -1101,12 +1112,15 @@ class TFCvtPreTrainedModel(keras.Model):
         `strict`: missing or unexpected weights raise `WeightLoadError` (else they are reported and missing ones
         keep their initial values); `ignore_mismatched_sizes`: mis-shaped weights are re-initialised instead of
         raising. A classifier checkpoint loads into the bare model; a bare checkpoint loads into the classifier
-        with a fresh head (with a warning).
+        with a fresh head (with a warning). Weights of a dtype no weight may have (complex, bool, integers;
+        `cvt_core.weights.dtype_problem`) raise `WeightLoadError` whatever `strict` says, and NaN or Inf in a weight
+        raises `cvt_core.weights.NonFiniteWeightError`.
         """
         hub_options = split_hub_options(kwargs)
         directory, config, state, plan, image_processor = read_pretrained(
             name_or_path, cls.with_head, config, strict, ignore_mismatched_sizes, hub_options, **kwargs)
         try:
+            plan.check_dtypes(directory, state.dtypes)  # never cast complex, bool or integer tensors into weights
             model = cls(config, data_format=data_format)
             model.build_with_dummy_input()
             by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}
@@ -1114,7 +1128,8 @@ class TFCvtPreTrainedModel(keras.Model):
                 source = plan.assignments.get(name)
                 if source is None:
                     continue
-                value = by_name[name].to_keras(np.asarray(state[source]))
+                value = check_weight_value(directory, name, np.asarray(state[source]))  # NaN / Inf refused
+                value = by_name[name].to_keras(value)
                 variable.assign(np.asarray(value, dtype=variable.dtype))
         finally:
             state.close()

@@ -44,6 +44,7 @@ from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features,
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
 from cvt_core.shapes import attention_projection, check_pixel_values_shape
 from cvt_core.training import announce_inferred_problem_type
+from cvt_core.weights import check_weight_value
 
 from . import kernels
 from .numpy_bridge import model_with_weights, tensor_to_numpy
@@ -606,13 +607,17 @@ class CvtPreTrainedModel(nn.Module):
         A classifier checkpoint loads into `CvtModel` (its head is ignored); a bare checkpoint loads into
         `CvtForImageClassification` with a freshly initialised head (with a UserWarning). Missing, unexpected or
         mis-shaped weights raise `WeightLoadError` unless `strict=False` / `ignore_mismatched_sizes=True`, in which
-        case the affected weights keep their fresh initialisation and a UserWarning names them.
+        case the affected weights keep their fresh initialisation and a UserWarning names them. Weights of a dtype no
+        weight may have (complex, bool, integers; `cvt_core.weights.dtype_problem`) raise `WeightLoadError` whatever
+        `strict` says, and NaN or Inf in a weight raises `cvt_core.weights.NonFiniteWeightError`.
         """
         hub_options = split_hub_options(kwargs)
         directory, config, state, plan, image_processor = read_pretrained(
             name_or_path, cls.with_head, config, strict, ignore_mismatched_sizes, hub_options, **kwargs)
         try:
-            model = model_with_weights(cls, config, list(plan.assignments), lambda target: state[plan.assignments[target]])
+            plan.check_dtypes(directory, state.dtypes)  # never cast complex, bool or integer tensors into weights
+            model = model_with_weights(cls, config, list(plan.assignments), lambda target: check_weight_value(
+                directory, target, state[plan.assignments[target]]))  # NaN / Inf: NonFiniteWeightError
         finally:
             state.close()
         model.image_processor = image_processor
