@@ -52,12 +52,4 @@ def describe(exc: BaseException, path: Optional[str] = None) -> ConversionError:
 
 def summarise_mismatch(exc) -> str:
     """One line for a cvt_core `WeightLoadError`: counts and the first example of each kind."""
-    parts = []
-    if exc.missing:
-        parts.append(f"{len(exc.missing)} missing (e.g. {exc.missing[0]})")
-    if exc.unexpected:
-        parts.append(f"{len(exc.unexpected)} unexpected (e.g. {exc.unexpected[0]})")
-    if exc.mismatched:
-        name, want, got = exc.mismatched[0]
-        parts.append(f"{len(exc.mismatched)} mis-shaped (e.g. {name}: weights {tuple(got)} vs config {tuple(want)})")
-    return "the weights do not match the config: " + "; ".join(parts) + "; check that the config belongs to these weights"
+    return exc.summary()

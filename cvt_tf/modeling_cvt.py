@@ -861,16 +861,26 @@ def check_keras_weights(model: keras.Model, store, source: Optional[str] = None)
         raise KerasWeightsMismatchError(source or _store_source(store), missing, unexpected, mismatched)
 
 
-def check_keras_weights_file(model: keras.Model, path: str) -> None:
-    """`check_keras_weights` on a `.weights.h5`, sharded `.weights.json` or `.keras` file (the weights inside);
-    other files are left to Keras. Each file is first opened as a regular file and checked whole
-    (`cvt_core.h5_safety`: a `.keras` archive's members bounded, its config.json strict JSON, every HDF5 file
-    walked), raising a one-line `CheckpointError` before Keras reads a byte of it."""
+def check_keras_weights_file_safety(path: str) -> None:
+    """The whole-file safety checks of `cvt_core.h5_safety` on a `.keras` archive or `.weights.h5` file (one-line
+    `CheckpointError`), with no comparison against a model; other files are left to Keras."""
     from cvt_core.h5_safety import KERAS_KIND, check_h5_file, check_keras_archive
 
     path = os.fspath(path)
     if path.endswith(".keras"):
         check_keras_archive(path)
+    elif path.endswith(".weights.h5"):
+        check_h5_file(path, KERAS_KIND)
+
+
+def check_keras_weights_file(model: keras.Model, path: str) -> None:
+    """`check_keras_weights` on a `.weights.h5`, sharded `.weights.json` or `.keras` file (the weights inside);
+    other files are left to Keras. Each file is first opened as a regular file and checked whole
+    (`cvt_core.h5_safety`: a `.keras` archive's members bounded, its config.json strict JSON, every HDF5 file
+    walked), raising a one-line `CheckpointError` before Keras reads a byte of it."""
+    path = os.fspath(path)
+    check_keras_weights_file_safety(path)
+    if path.endswith(".keras"):
         with zipfile.ZipFile(path, "r") as archive:
             if KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
                 return
@@ -881,7 +891,6 @@ def check_keras_weights_file(model: keras.Model, path: str) -> None:
                 store.close()
         return
     if path.endswith(".weights.h5"):
-        check_h5_file(path, KERAS_KIND)
         store = saving_lib.H5IOStore(path, mode="r")
     elif path.endswith(".weights.json"):
         store = saving_lib.ShardedH5IOStore(path, mode="r")
@@ -1081,7 +1090,8 @@ class TFCvtPreTrainedModel(keras.Model):
         is loaded."""
         if not self.built:
             self.build_with_dummy_input()
-        if skip_mismatch:
+        if skip_mismatch:  # the opt-out skips the strict comparison, never the file's safety checks
+            check_keras_weights_file_safety(filepath)
             return super().load_weights(filepath, skip_mismatch=True, **kwargs)
         check_keras_weights_file(self, filepath)
         object.__setattr__(self, "_keras_weights_checked", True)  # a plain attribute, not tracked by Keras

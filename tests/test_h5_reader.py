@@ -337,8 +337,10 @@ def test_crafted_keras_weights_are_refused_by_convert_with_exit_2_and_nothing_wr
     _assert_nothing_written(tmp_path, code, out, err, path, _keras_fragment(case))
 
 
+@pytest.mark.parametrize("skip_mismatch", [False, True])
 @pytest.mark.parametrize("case", ["external-raw-storage", "virtual-dataset", "gzip-filter", "big-endian"])
-def test_crafted_keras_weights_are_refused_by_load_weights_in_one_line(world, tmp_path, case):
+def test_crafted_keras_weights_are_refused_by_load_weights_in_one_line(world, tmp_path, case, skip_mismatch):
+    """skip_mismatch=True, Keras' opt-out of the strict comparison, keeps every safety check of the file."""
     from cvt_tf import TFCvtForImageClassification
 
     path = _crafted_keras_weights(world, tmp_path, case)
@@ -346,7 +348,7 @@ def test_crafted_keras_weights_are_refused_by_load_weights_in_one_line(world, tm
     model.build_with_dummy_input()
     before = model.canonical_weights()["classifier.weight"].numpy().copy()
     with pytest.raises(CheckpointError) as info:
-        model.load_weights(str(path))
+        model.load_weights(str(path), skip_mismatch=skip_mismatch)
     _assert_one_line(info, path, _keras_fragment(case))
     np.testing.assert_array_equal(model.canonical_weights()["classifier.weight"].numpy(), before)
 

@@ -176,7 +176,7 @@ def test_avg_projection_pools_keys_and_values_in_ceil_mode(kernel, stride, paddi
     config = CvtConfig(embed_dim=[8], num_heads=[2], depth=[1], patch_sizes=[1], patch_stride=[1], patch_padding=[0],
                        mlp_ratio=[2.0], attention_drop_rate=[0.0], drop_rate=[0.0], drop_path_rate=[0.0], qkv_bias=[True],
                        cls_token=[with_cls], qkv_projection_method=["avg"], kernel_qkv=[kernel], padding_kv=[padding],
-                       stride_kv=[stride], padding_q=[0], stride_q=[1])
+                       stride_kv=[stride], padding_q=[0], stride_q=[1], image_size=[height, width])
     torch.manual_seed(0)
     attention = CvtSelfAttention(config, 0).eval()
     for linear in (attention.projection_query, attention.projection_key, attention.projection_value):
