@@ -692,14 +692,16 @@ def parameter_count(config: CvtConfig, with_head: bool = True) -> int:
 
 def activation_elements(config: CvtConfig) -> Tuple[int, str]:
     """Activation elements one image at the config's `image_size` (224 when unset) needs at the widest point, and
-    where that is: the larger of the input image and, for each stage, its tokens times its widest layer (embed_dim
-    or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens)."""
+    where that is: the largest of the input image and, for each stage, its tokens times its widest layer (embed_dim
+    or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens), and each zero-padded grid
+    a convolution reads (the patch embedding's input, the q/k/v projections' inputs)."""
     from .shapes import partial_stage_geometry  # shapes imports this module
 
     size = config.image_size if config.image_size is not None else DEFAULT_IMAGE_SIZE
     height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
     worst = height * width * config.num_channels
     where = f"the {height}x{width} input image"
+    in_height, in_width = height, width
     for geo in partial_stage_geometry(config, height, width):
         s = geo.stage
         widest = max(config.embed_dim[s], config.mlp_hidden_dim(s))
@@ -709,6 +711,21 @@ def activation_elements(config: CvtConfig) -> Tuple[int, str]:
             worst = elements
             where = (f"stage {s} of a {height}x{width} image: {geo.num_tokens:,} tokens of width {widest:,} and "
                      f"{config.num_heads[s]} attention maps of {geo.num_query_tokens:,}x{geo.num_key_tokens:,}")
+        # the zero-padded grids the convolutions read (a framework may pad explicitly, as Keras does)
+        padded = [(f"the patch embedding's padded input ({config.stage_in_channels(s)} channels)",
+                   config.stage_in_channels(s), in_height + 2 * config.patch_padding[s],
+                   in_width + 2 * config.patch_padding[s])]
+        if config.qkv_projection_method[s] != "linear":
+            for name in ("padding_q", "padding_kv"):
+                pad = getattr(config, name)[s]
+                padded.append((f"the q/k/v projection's input padded by {name}={pad}", config.embed_dim[s],
+                               geo.height + 2 * pad, geo.width + 2 * pad))
+        for what, channels, padded_height, padded_width in padded:
+            elements = channels * padded_height * padded_width
+            if elements > worst:
+                worst = elements
+                where = f"stage {s} of a {height}x{width} image: {what}, {padded_height:,}x{padded_width:,}"
+        in_height, in_width = geo.height, geo.width
     return worst, where
 
 
@@ -725,5 +742,5 @@ def check_model_budget(config: CvtConfig) -> None:
     if elements > Limits.ACTIVATION_ELEMENTS:
         raise ModelTooLargeError(
             f"one image would need {elements:,} activation elements ({elements * 4 / 1e9:.1f} GB in float32) in "
-            f"{where}; at most {Limits.ACTIVATION_ELEMENTS:,} are accepted (lower image_size or embed_dim, or raise "
+            f"{where}; at most {Limits.ACTIVATION_ELEMENTS:,} are accepted (lower image_size, embed_dim or a padding, or raise "
             f"patch_stride or stride_kv)")

@@ -568,8 +568,11 @@ def _load(path: Union[str, os.PathLike], where: str) -> "Image.Image":
     return read_image_file(path, where)
 
 
-# Formats Pillow may decode a file as: all it knows but EPS, which it renders by running Ghostscript.
-_EXCLUDED_FORMATS = ("EPS",)
+# Formats Pillow may decode a file as: an allow list of the photo formats whose header states the size that
+# decoding produces, so the size check before decoding holds. Left out: containers whose header states another
+# size than the image they hold (ICO, CUR and ICNS decode an embedded PNG of any size, then shrink it), formats
+# rendered by other programs (EPS runs Ghostscript, WMF), and scientific and game formats (HDF5, FITS, GRIB, DDS...).
+READ_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "QOI")
 # What Pillow raises on a corrupt, truncated or hostile file (its plugins let struct, index and EOF errors through).
 _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
                   struct.error, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
@@ -577,7 +580,7 @@ _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError,
 
 def _read_formats() -> List[str]:
     Image.init()
-    return [name for name in Image.OPEN if name not in _EXCLUDED_FORMATS]
+    return [name for name in READ_FORMATS if name in Image.OPEN]
 
 
 def check_image_size(width: int, height: int, what: str) -> None:
@@ -615,20 +618,26 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
     with handle:
         try:
             with warnings.catch_warnings():
-                # above Pillow's own bound it warns (then raises above twice that); ours is lower and checked below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # Pillow's warnings (its bomb warning above its own bound, which ours is below; corrupt EXIF, tags
+                # past the end) would be extra lines: the file is either read whole or refused in one line
+                warnings.simplefilter("ignore")
                 opened = Image.open(handle, formats=_read_formats())
         except Image.DecompressionBombError as exc:
             found = re.search(r"\((\d+) pixels\)", str(exc))
             declared = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow reads"
             raise ImageTooLargeError(f"{what}: the image declares {declared}; at most {Limits.IMAGE_PIXELS:,} pixels "
                                      f"and {Limits.IMAGE_SIDE:,} a side are read") from None
+        except UnidentifiedImageError:
+            raise ImageLoadError(f"{what}: not an image in a format read here ({', '.join(READ_FORMATS)}); convert "
+                                 f"it to PNG or JPEG") from None
         except _DECODE_ERRORS as exc:
             raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
         with opened:
             check_image_size(*opened.size, what)  # the header's size, before decoding
             try:
-                opened.load()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opened.load()
                 check_image_size(*opened.size, what)  # a format may settle its size while decoding
                 image = ImageOps.exif_transpose(opened)
                 image = _to_8bit(image, f" ({name}){where}")

@@ -5,7 +5,8 @@ docs/security.md states the promises; this module is where the file-level ones a
 - only regular files are opened (`open_regular_file`): a FIFO, a device (`/dev/zero`), a socket or a folder is
   refused before a byte is read, and a FIFO cannot block the open (it is opened non-blocking, then checked);
 - a file's size is known before it is read, and whole-file reads are bounded (`read_regular_file`);
-- JSON is parsed strictly (`parse_json`): bounded size and nesting, no NaN or Infinity, no duplicate keys.
+- JSON is parsed strictly (`parse_json`): bounded size and nesting, no NaN or Infinity (written or reached by an
+  exponent like `1e999`), no integer over 64 digits, no duplicate keys.
 
 The limits are data, in `Limits` below, so the documentation, the tests and the readers quote the same numbers.
 """
@@ -142,6 +143,23 @@ def _refuse_constant(name: str):
     raise _StrictJsonError(f"{name} is not a number JSON allows")
 
 
+MAX_INTEGER_DIGITS = 64  # far past any size, count or offset a file can hold; Python itself stops at 4300
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _StrictJsonError(f"an integer of {len(text.lstrip('-'))} digits is longer than the "
+                               f"{MAX_INTEGER_DIGITS} accepted")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _StrictJsonError(f"{text[:40]} is not a finite number")
+    return value
+
+
 def _no_duplicates(pairs):
     out = {}
     for key, value in pairs:
@@ -183,7 +201,8 @@ def parse_json(data: bytes | str, source: str, error: Type[Exception] = Checkpoi
     if depth > max_depth:
         raise error(f"{source}: JSON nested {depth} levels deep; at most {max_depth} are accepted")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates,
+                           parse_int=_bounded_int, parse_float=_finite_float)
         _check_strings(value, Limits.JSON_STRING)
     except _StrictJsonError as exc:
         raise error(f"{source}: refused JSON: {exc}") from None
@@ -191,6 +210,8 @@ def parse_json(data: bytes | str, source: str, error: Type[Exception] = Checkpoi
         raise error(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:  # pragma: no cover - the depth bound comes first
         raise error(f"{source}: JSON nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # anything else the decoder raises is still one line naming the file
+        raise error(f"{source}: refused JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     return value
 
 

@@ -87,7 +87,7 @@ def deep_json(depth: int, opener: str = "[") -> bytes:
 
 
 HOSTILE_JSON_VALUES = [True, False, None, 3.7, -1, 0, 2 ** 31, 2 ** 63, 10 ** 30, "false", "1", "", [], [1, 2],
-                       [[1]], {}, {"a": 1}, 1e308, -0.0, "x" * 2000]
+                       [[1]], {}, {"a": 1}, 1e308, -0.0, "x" * 2000, 16384, [16384, 16384, 16384], 8192]
 
 
 def mutate_json(value, rng: random.Random) -> bytes:
@@ -117,7 +117,8 @@ def mutate_json(value, rng: random.Random) -> bytes:
         edited[rng.choice(sorted(edited))] = rng.choice([float("nan"), float("inf"), -float("inf")])
         return json.dumps(edited).encode()
     if choice == 5:
-        return rng.choice([b"", b"null", b"[]", b"1", b'"text"', b"\xff\xfe\x00garbage", b"{" * 10])
+        return rng.choice([b"", b"null", b"[]", b"1", b'"text"', b"\xff\xfe\x00garbage", b"{" * 10,
+                           b'{"num_labels": ' + b"9" * 5001 + b"}", b'{"a": 1e999}', b'[-1e400]'])
     return mutate_bytes(_json_bytes(value), rng)
 
 
@@ -511,6 +512,8 @@ def make_case(kind: str, workdir: str, seed_name: str, seed_data: bytes, index: 
     elif kind == "image" and roll < 0.35:
         data = _png_header(*rng.choice([(30000, 30000), (1, 60000), (60000, 1), (70000, 2), (2 ** 31 - 1, 2),
                                          (0, 10), (10, 0), (9000, 9000)]))
+        if rng.random() < 0.3:  # inside an icon container whose directory says 16x16
+            data = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(data), 22) + data
     elif kind == "safetensors" and roll < 0.35:
         data = _safetensors_structural(seed_data, rng)
     else:

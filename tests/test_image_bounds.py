@@ -15,6 +15,8 @@ import sys
 import zlib
 
 import numpy as np
+import warnings
+
 import pytest
 from PIL import Image
 
@@ -172,7 +174,36 @@ def test_truncated_and_corrupted_files_are_one_image_load_error_line(tmp_path, f
 def test_postscript_is_not_rendered(tmp_path):
     path = tmp_path / "page.eps"
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
-    with pytest.raises(ImageLoadError, match=r"page\.eps: cannot read this file as an image \(UnidentifiedImageError"):
+    with pytest.raises(ImageLoadError, match=r"page\.eps: not an image in a format read here \(PNG, JPEG"):
+        read_image_file(path)
+
+
+def test_an_icon_container_declaring_16x16_around_a_huge_png_is_not_decoded(tmp_path):
+    """ICO's directory states one size and its embedded PNG another, which Pillow decodes whole before shrinking:
+    container formats are outside the allow list, so nothing is decoded and one line names the formats read."""
+    import struct as _struct
+
+    inner = png_header(13000, 13000)
+    directory = _struct.pack("<HHH", 0, 1, 1) + _struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22)
+    path = tmp_path / "icon.ico"
+    path.write_bytes(directory + inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a Pillow warning: the command line prints exactly one line
+        with pytest.raises(ImageLoadError) as caught:
+            read_image_file(path)
+    assert "icon.ico: not an image in a format read here" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "ICNS", "PCX", "SGI", "DDS"])
+def test_formats_outside_the_allow_list_are_refused_in_one_line(tmp_path, fmt):
+    from PIL import Image
+
+    path = tmp_path / f"image.{fmt.lower()}"
+    try:
+        Image.new("RGB", (16, 16)).save(path, fmt)
+    except (OSError, KeyError, ValueError):
+        pytest.skip(f"this Pillow cannot write {fmt}")
+    with pytest.raises(ImageLoadError, match="not an image in a format read here"):
         read_image_file(path)
 
 

@@ -337,6 +337,11 @@ def test_budget_refuses_huge_models_before_allocating_in_2_gib(tmp_path):
     (dict(image_size=16384), "one image would need"),
     (dict(image_size=[2048, 2048]), "one image would need"),
     (dict(image_size=[64, 16384], patch_stride=[1, 2, 2], patch_padding=[3, 1, 1]), "one image would need"),
+    # within every per-field bound, tiny in parameters: the zero-padded grids the convolutions read are the cost
+    (dict(image_size=32, patch_sizes=[1, 3, 3], patch_stride=[16384, 2, 2], patch_padding=[16384, 1, 1]),
+     "the patch embedding's padded input (3 channels), 32,800x32,800"),
+    (dict(image_size=32, embed_dim=[64, 64, 64], num_heads=[1, 1, 1], padding_kv=[4096, 1, 1]),
+     "the q/k/v projection's input padded by padding_kv=4096"),
 ])
 def test_budget_refusal_names_the_figure_and_the_limit(overrides, figure):
     with pytest.raises(ModelTooLargeError) as caught:
