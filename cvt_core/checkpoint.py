@@ -85,10 +85,6 @@ class SafetensorsHeader(NamedTuple):
     metadata: Dict[str, Any]
 
 
-def is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_safetensors_header(path: str) -> SafetensorsHeader:
     """The header of a `.safetensors` file, checked so that every tensor lies inside the file's data: a JSON
     object whose entries have a known dtype, a shape of non-negative integers and `data_offsets` whose length is

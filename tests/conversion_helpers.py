@@ -183,3 +183,20 @@ def run_transformers_tf(jobs: list, timeout: int = 600) -> None:
                           text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"transformers TF child failed:\n{proc.stderr[-4000:]}")
+
+
+def tree_listing(root) -> list:
+    """Every path under `root` with each file's bytes (and each link's target): equal listings show that nothing
+    under `root` changed."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs):
+            found.append(os.path.relpath(os.path.join(folder, name), root) + "/")
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                found.append((os.path.relpath(path, root), "->" + os.readlink(path)))
+            else:
+                with open(path, "rb") as f:
+                    found.append((os.path.relpath(path, root), f.read()))
+    return sorted(found, key=str)

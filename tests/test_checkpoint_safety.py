@@ -35,61 +35,34 @@ from cvt_core.checkpoint import (
     read_weights_file,
 )
 from cvt_core.torch_pickle import tensor_view_problem
+from pickle_ops import Op, enc, glob
 
 HEAD = "classifier.weight"  # (3, 24) in TINY_CONFIG
 
 
 # ------------------------------------------------------------------------------------------ hand-made pickles
-class _Op(bytes):
-    """Pickle opcodes already encoded."""
 
 
-def _global(module: str, name: str) -> _Op:
-    return _Op(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+def _call(function: Op, *args) -> Op:
+    return Op(enc(function) + enc(tuple(args)) + b"R")
 
 
-def _encode(value) -> bytes:
-    if isinstance(value, _Op):
-        return bytes(value)
-    if value is None:
-        return b"N"
-    if isinstance(value, bool):
-        return b"\x88" if value else b"\x89"
-    if isinstance(value, int):
-        if -2 ** 31 <= value < 2 ** 31:
-            return b"J" + struct.pack("<i", value)
-        size = (value.bit_length() + 8) // 8
-        return b"\x8a" + bytes([size]) + value.to_bytes(size, "little", signed=True)
-    if isinstance(value, float):
-        return b"G" + struct.pack(">d", value)
-    if isinstance(value, str):
-        raw = value.encode()
-        return b"X" + struct.pack("<I", len(raw)) + raw
-    if isinstance(value, tuple):
-        return b"(" + b"".join(_encode(v) for v in value) + b"t"
-    raise TypeError(value)
-
-
-def _call(function: _Op, *args) -> _Op:
-    return _Op(_encode(function) + _encode(tuple(args)) + b"R")
-
-
-_ORDERED_DICT = _call(_global("collections", "OrderedDict"))
+_ORDERED_DICT = _call(glob("collections", "OrderedDict"))
 _STORAGE_TYPES = {np.dtype("float32"): "FloatStorage", np.dtype("int64"): "LongStorage"}
 
 
-def _tensor(key, offset, size, stride, numel, storage="FloatStorage", legacy=False, pid=None) -> _Op:
+def _tensor(key, offset, size, stride, numel, storage="FloatStorage", legacy=False, pid=None) -> Op:
     """torch._utils._rebuild_tensor_v2(<persistent storage>, offset, size, stride, False, OrderedDict())."""
     if pid is None:
-        pid = ("storage", _global("torch", storage), key, "cpu", numel) + ((None,) if legacy else ())
-    storage_op = _Op(_encode(pid) + b"Q")  # BINPERSID
-    return _call(_global("torch._utils", "_rebuild_tensor_v2"), storage_op, offset, size, stride, False, _ORDERED_DICT)
+        pid = ("storage", glob("torch", storage), key, "cpu", numel) + ((None,) if legacy else ())
+    storage_op = Op(enc(pid) + b"Q")  # BINPERSID
+    return _call(glob("torch._utils", "_rebuild_tensor_v2"), storage_op, offset, size, stride, False, _ORDERED_DICT)
 
 
 def _state_pickle(items) -> bytes:
     body = b"\x80\x02" + bytes(_ORDERED_DICT)
     if items:
-        body += b"(" + b"".join(_encode(k) + _encode(v) for k, v in items.items()) + b"u"  # MARK ... SETITEMS
+        body += b"(" + b"".join(enc(k) + enc(v) for k, v in items.items()) + b"u"  # MARK ... SETITEMS
     return body + b"."
 
 
@@ -108,9 +81,9 @@ LITTLE_ENDIAN_SYS_INFO = dict(protocol_version=1001, little_endian=True, type_si
 
 def write_torch_legacy(path, items, records, sys_info=LITTLE_ENDIAN_SYS_INFO, magic=0x1950A86A20F9469CFC6C) -> None:
     """torch.save's pre-1.6 layout: magic, protocol and system pickles, the state pickle, the storage keys, then
-    each storage as its element count (int64) and bytes. `magic` or `sys_info` may be opcodes (`_Op`)."""
+    each storage as its element count (int64) and bytes. `magic` or `sys_info` may be opcodes (`Op`)."""
     def dump(value, f):
-        f.write(b"\x80\x02" + bytes(value) + b"." if isinstance(value, _Op) else pickle.dumps(value, protocol=2))
+        f.write(b"\x80\x02" + bytes(value) + b"." if isinstance(value, Op) else pickle.dumps(value, protocol=2))
 
     with open(path, "wb") as f:
         dump(magic, f)
@@ -262,14 +235,14 @@ def test_tensor_view_outside_its_storage_is_refused(tiny, tmp_path, case, layout
     assert fragment in _one_line(exc) and str(tmp_path / "bad.bin") in str(exc.value)
 
 
-_FLOAT = _global("torch", "FloatStorage")
+_FLOAT = glob("torch", "FloatStorage")
 STORAGE_LIES = {
     # name -> (persistent ids of the tensors, each viewed as (3,); the zip's records; the error it gives)
     "record-shorter-than-numel": ([("storage", _FLOAT, "0", "cpu", 12)], {"0": b"\0" * 20},
                                   "storage 0 holds 20 bytes, but the pickle says 12 FloatStorage elements"),
     "record-longer-than-numel": ([("storage", _FLOAT, "0", "cpu", 3)], {"0": b"\0" * 48}, "storage 0 holds 48 bytes"),
     "missing-record": ([("storage", _FLOAT, "7", "cpu", 3)], {"0": b"\0" * 12}, "storage 7 is missing"),
-    "unknown-storage-type": ([("storage", _global("torch", "ComplexFloatStorage"), "0", "cpu", 3)], {"0": b"\0" * 24},
+    "unknown-storage-type": ([("storage", glob("torch", "ComplexFloatStorage"), "0", "cpu", 3)], {"0": b"\0" * 24},
                              "storage type torch.ComplexFloatStorage is not supported"),
     "negative-numel": ([("storage", _FLOAT, "0", "cpu", -3)], {"0": b"\0" * 12}, "corrupt persistent id"),
     "bool-numel": ([("storage", _FLOAT, "0", "cpu", True)], {"0": b"\0" * 4}, "corrupt persistent id"),
@@ -334,7 +307,7 @@ def test_legacy_view_into_a_storage_reads_only_its_elements(tmp_path):
 
 def test_legacy_file_whose_pickles_ask_for_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "PWNED"
-    touch = _call(_global("os", "system"), f"touch {marker}")
+    touch = _call(glob("os", "system"), f"touch {marker}")
     write_torch_legacy(tmp_path / "object.pt", {"w": touch}, {})
     write_torch_legacy(tmp_path / "sys-info.pt", {}, {}, sys_info=touch)
     write_torch_legacy(tmp_path / "magic.pt", {}, {}, magic=touch)
@@ -378,7 +351,7 @@ def test_legacy_file_cut_anywhere_is_refused_in_one_line(tmp_path):
 
 
 def test_rebuilding_a_tensor_from_something_that_is_not_a_storage_is_refused(tmp_path):
-    fake = _call(_global("torch._utils", "_rebuild_tensor_v2"), 5, 0, (3,), (1,), False, _ORDERED_DICT)
+    fake = _call(glob("torch._utils", "_rebuild_tensor_v2"), 5, 0, (3,), (1,), False, _ORDERED_DICT)
     write_torch_zip(tmp_path / "bad.bin", {"w": fake}, {})
     with pytest.raises(CheckpointError, match="rebuilt from int, not from a storage") as exc:
         read_torch_bin(str(tmp_path / "bad.bin"))

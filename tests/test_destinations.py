@@ -14,20 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conversion_helpers import assert_one_line_error, cli, leftovers, make_tiny_checkpoint
-
-
-def _listing(root) -> list:
-    """Every path under `root` with the content of each file, to show that nothing changed."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        for name in sorted(dirs):
-            found.append(os.path.relpath(os.path.join(folder, name), root) + "/")
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found.append((os.path.relpath(path, root), f.read()))
-    return sorted(found, key=str)
+from conversion_helpers import assert_one_line_error, cli, leftovers, make_tiny_checkpoint, tree_listing
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +93,11 @@ def test_check_destination_refuses_with_one_line_naming_the_problem(dst, force, 
     from conversion.errors import ConversionError
 
     _layout(workdir)
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     with pytest.raises(ConversionError) as caught:
         check_destination(dst, force, sources)
     assert message in str(caught.value) and "\n" not in str(caught.value)
-    assert _listing(workdir) == before
+    assert tree_listing(workdir) == before
 
 
 @pytest.mark.parametrize("dst, force, empty_ok", [
@@ -138,40 +125,40 @@ def test_files_appearing_in_the_destination_while_writing_are_not_replaced(workd
 
 # ------------------------------------------------------------------------------------------------------ cvt convert
 def test_convert_to_an_empty_destination_is_refused_and_the_working_folder_kept(checkpoint, workdir):
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     assert_one_line_error(*cli("convert", checkpoint / "src", "", "--to", "torch", "--force"), "is empty")
-    assert _listing(workdir) == before and leftovers(workdir.parent) == []
+    assert tree_listing(workdir) == before and leftovers(workdir.parent) == []
 
 
 def test_convert_to_the_working_folder_is_refused(checkpoint, workdir):
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     assert_one_line_error(*cli("convert", checkpoint / "src", ".", "--to", "torch", "--force"), "working folder")
-    assert _listing(workdir) == before and leftovers(workdir.parent) == []
+    assert tree_listing(workdir) == before and leftovers(workdir.parent) == []
 
 
 def test_convert_into_the_parent_of_the_source_is_refused_and_the_source_kept(checkpoint, workdir):
     shutil.copytree(checkpoint / "src", workdir / "par" / "child")
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     assert_one_line_error(*cli("convert", "par/child", "par", "--to", "torch", "--force"), "contains the source")
-    assert _listing(workdir) == before and leftovers(workdir) == []
+    assert tree_listing(workdir) == before and leftovers(workdir) == []
 
 
 def test_convert_onto_the_source_is_refused_and_the_source_kept(checkpoint, workdir):
     shutil.copytree(checkpoint / "src", workdir / "ckpt")
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     assert_one_line_error(*cli("convert", "ckpt", "ckpt", "--to", "torch", "--force"), "is the source")
     assert_one_line_error(*cli("convert", "ckpt", os.path.join(os.getcwd(), "ckpt", "."), "--to", "torch", "--force"),
                     "is the source")
-    assert _listing(workdir) == before and leftovers(workdir) == []
+    assert tree_listing(workdir) == before and leftovers(workdir) == []
 
 
 def test_convert_into_a_folder_inside_the_source_is_refused(checkpoint, workdir):
     shutil.copytree(checkpoint / "src", workdir / "ckpt")
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     assert_one_line_error(*cli("convert", "ckpt", "ckpt/converted", "--to", "torch"), "lies inside the source")
     assert_one_line_error(*cli("convert", "ckpt/model.safetensors", "ckpt", "--config", checkpoint / "tiny.json",
                          "--to", "torch", "--force"), "contains the source")
-    assert _listing(workdir) == before
+    assert tree_listing(workdir) == before
 
 
 def test_force_does_not_replace_a_folder_holding_other_files(checkpoint, tmp_path):
@@ -207,9 +194,9 @@ def test_force_replaces_a_previous_output_and_a_failed_replacement_keeps_it(chec
     dst = tmp_path / "dst"
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch,hf-tf")
     assert code == 0, err
-    first = _listing(dst)
+    first = tree_listing(dst)
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch,hf-tf", "--force", "--atol", "1e-12")
-    assert code == 1 and _listing(dst) == first and leftovers(tmp_path) == []
+    assert code == 1 and tree_listing(dst) == first and leftovers(tmp_path) == []
     code, out, err = cli("convert", checkpoint / "src", dst, "--to", "torch", "--force")
     assert code == 0, err
     assert sorted(os.listdir(dst)) == [".cvt-manifest.json", "config.json", "model.safetensors",
@@ -238,13 +225,13 @@ def test_passing_convert_prints_wrote_after_the_check(checkpoint, tmp_path):
 def test_demo_out_follows_the_same_rule(checkpoint, workdir):
     (workdir / "kept").mkdir()
     (workdir / "kept" / "notes.txt").write_text("mine")
-    before = _listing(workdir)
+    before = tree_listing(workdir)
     preset = str(checkpoint / "tiny.json")
     assert_one_line_error(*cli("demo", "--preset", preset, "--out", "", "--force", "--quiet"), "is empty")
     assert_one_line_error(*cli("demo", "--preset", preset, "--out", ".", "--force", "--quiet"), "working folder")
     assert_one_line_error(*cli("demo", "--preset", preset, "--out", "kept", "--force", "--quiet"),
                     "holds files cvt did not write (notes.txt)")
-    assert _listing(workdir) == before
+    assert tree_listing(workdir) == before
 
 
 # -------------------------------------------------------------------------------------------------------- cvt train
@@ -262,11 +249,11 @@ def test_train_out_onto_a_folder_holding_other_files_is_refused(images, tmp_path
 
 
 def test_train_out_empty_or_the_data_folder_is_refused(images, workdir):
-    before = _listing(workdir), _listing(images)
+    before = tree_listing(workdir), tree_listing(images)
     assert_one_line_error(*_train(images, "", "--no-convert", "--force"), "is empty")
     assert_one_line_error(*_train(images, images, "--no-convert", "--force"), "is the source")
     assert_one_line_error(*_train(images, images / "dark", "--no-convert", "--force"), "lies inside the source")
-    assert (_listing(workdir), _listing(images)) == before
+    assert (tree_listing(workdir), tree_listing(images)) == before
 
 
 @pytest.mark.parametrize("problem", ["missing data", "unknown config"])

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conversion_helpers import REPO, assert_one_line_error, cli, leftovers, make_tiny_checkpoint
+from conversion_helpers import REPO, assert_one_line_error, cli, leftovers, make_tiny_checkpoint, tree_listing
 
 MANIFEST = ".cvt-manifest.json"
 # The glob patterns an earlier cvt took for "what cvt writes" (and the fixed names of export and train)
@@ -43,22 +43,6 @@ def lookalike_names(seed: int = 0, per_pattern: int = 5) -> list:
         for _ in range(per_pattern):
             names.add(pattern.replace("*", "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))))
     return sorted(names)
-
-
-def _listing(root) -> list:
-    """Every path under `root` with each file's bytes (and each link's target)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        for name in sorted(dirs):
-            found.append(os.path.relpath(os.path.join(folder, name), root) + "/")
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            if os.path.islink(path):
-                found.append((os.path.relpath(path, root), "->" + os.readlink(path)))
-            else:
-                with open(path, "rb") as f:
-                    found.append((os.path.relpath(path, root), f.read()))
-    return sorted(found, key=str)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +130,11 @@ def test_a_cvt_written_folder_changed_by_the_user_is_refused_under_force(change,
         os.symlink(tmp_path / "elsewhere.json", config)
     else:
         os.mkfifo(dst / "pipe")
-    before = _listing(dst) if change != "add fifo" else sorted(os.listdir(dst))
+    before = tree_listing(dst) if change != "add fifo" else sorted(os.listdir(dst))
     assert_one_line_error(*cli("convert", world / "src", dst, "--to", "torch", "--force", "--quiet"),
                           f"{dst}: {named} was not written by cvt (or was changed since)",
                           "move it away or choose another destination")
-    assert (_listing(dst) if change != "add fifo" else sorted(os.listdir(dst))) == before
+    assert (tree_listing(dst) if change != "add fifo" else sorted(os.listdir(dst))) == before
     assert leftovers(tmp_path) == []
 
 
@@ -182,12 +166,12 @@ def test_a_folder_without_a_readable_manifest_is_refused_under_force(manifest, w
         value = json.loads(text)
         value["files"][0]["sha256"] = "0" * 63 + "g"
         record.write_text(json.dumps(value))
-    before = _listing(dst)
+    before = tree_listing(dst)
     code, out, err = cli("convert", world / "src", dst, "--to", "torch", "--force", "--quiet")
     fragment = ("it has no .cvt-manifest.json" if manifest == "missing" else
                 f"its {MANIFEST} cannot be read")
     assert_one_line_error(code, out, err, fragment, "even --force does not replace it")
-    assert _listing(dst) == before and leftovers(tmp_path) == []
+    assert tree_listing(dst) == before and leftovers(tmp_path) == []
 
 
 def test_a_folder_a_user_changes_while_cvt_writes_is_not_replaced(world, tmp_path):
@@ -231,10 +215,10 @@ def test_lookalike_names_in_a_folder_cvt_did_not_write_are_never_deleted_under_f
     dst = tmp_path / "mine"
     dst.mkdir()
     names = _fill_with_lookalikes(dst, seed=WRITERS.index(command))
-    before = _listing(dst)
+    before = tree_listing(dst)
     assert_one_line_error(*cli(*_writer_argv(command, world, dst)), "holds files cvt did not write",
                           "it has no .cvt-manifest.json", names[0])
-    assert _listing(dst) == before and leftovers(tmp_path) == []
+    assert tree_listing(dst) == before and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("command", WRITERS)
@@ -244,12 +228,12 @@ def test_lookalike_names_added_to_a_folder_cvt_wrote_are_never_deleted_under_for
     dst = tmp_path / "mine"
     shutil.copytree(world / "written", dst)
     names = _fill_with_lookalikes(dst, seed=10 + WRITERS.index(command))  # config.json among them: changed
-    before = _listing(dst)
+    before = tree_listing(dst)
     code, out, err = cli(*_writer_argv(command, world, dst))
     assert_one_line_error(code, out, err, "were not written by cvt (or were changed since)",
                           "move them away or choose another destination")
     assert any(name in err for name in names)
-    assert _listing(dst) == before and leftovers(tmp_path) == []
+    assert tree_listing(dst) == before and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("name", lookalike_names(seed=3)[:12])
@@ -306,12 +290,12 @@ def test_attention_out_onto_what_it_reads_is_refused_and_the_file_unchanged(targ
            "hard link to the input image": tmp_path / "other.png"}[target]
     if target == "hard link to the input image":
         os.link(image, out)
-    before = _listing(tmp_path)
+    before = tree_listing(tmp_path)
     code, stdout, err = cli("attention", image, "--model", model, "--out", out, "--force", "--quiet")
     fragment = {"model folder": "is the source", "input image": "is the source",
                 "hard link to the input image": "is the source"}.get(target, "lies inside the source")
     assert_one_line_error(code, stdout, err, fragment)
-    assert _listing(tmp_path) == before
+    assert tree_listing(tmp_path) == before
 
 
 def test_attention_replaces_its_own_picture_under_force_and_refuses_any_other(world, tmp_path, monkeypatch):

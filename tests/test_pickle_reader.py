@@ -35,43 +35,12 @@ from cvt_core.checkpoint import (
     read_weights_file,
 )
 from cvt_core.untrusted import Limits
+from pickle_ops import Op, enc, glob
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------ hand-made pickles
-class Op(bytes):
-    """Pickle opcodes already encoded."""
-
-
-def glob(module: str, name: str) -> Op:
-    return Op(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
-
-
-def enc(value) -> bytes:
-    if isinstance(value, Op):
-        return bytes(value)
-    if value is None:
-        return b"N"
-    if isinstance(value, bool):
-        return b"\x88" if value else b"\x89"
-    if isinstance(value, int):
-        if -2 ** 31 <= value < 2 ** 31:
-            return b"J" + struct.pack("<i", value)
-        size = (value.bit_length() + 8) // 8
-        return b"\x8a" + bytes([size]) + value.to_bytes(size, "little", signed=True)
-    if isinstance(value, float):
-        return b"G" + struct.pack(">d", value)
-    if isinstance(value, str):
-        raw = value.encode()
-        return b"X" + struct.pack("<I", len(raw)) + raw
-    if isinstance(value, tuple):
-        return b"(" + b"".join(enc(v) for v in value) + b"t"
-    if isinstance(value, dict):
-        return b"}(" + b"".join(enc(k) + enc(v) for k, v in value.items()) + b"u"
-    raise TypeError(value)
-
-
 def call(function: Op, *args) -> Op:
     return Op(enc(function) + enc(tuple(args)) + b"R")
 

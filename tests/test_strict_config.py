@@ -183,7 +183,7 @@ def test_hub_style_label_maps_with_a_label_named_twice_load():
     ({" 1": "a", "0": "b"}, r"class id ' 1'"),
     ({"x": "a"}, r"class id 'x'"),
     ({0: "a", "0": "b"}, r"id2label names class 0 twice \(key '0'\)"),
-    ({True: "a", 1: "b"}, r"class id True"),
+    ({True: "a", 0: "b"}, r"class id True"),
     ({0: 1, 1: "b"}, r"id2label\[0\] must be a label string, got 1"),
     ({0: None}, r"id2label\[0\] must be a label string, got None"),
     ([["0", "a"]], r"id2label must be a mapping"),
