@@ -26,7 +26,8 @@ import sys
 from typing import List, Optional
 
 from conversion import progress
-from conversion.atomic import committed_destinations, raise_if_interrupted, request_interrupt, running_command
+from conversion.atomic import (committed_destinations, interrupt_requested, raise_if_interrupted, request_interrupt,
+                               running_command)
 from conversion.errors import ConversionError, CrossCheckFailed, describe, one_line
 from cvt_core.checkpoint import CheckpointError
 from cvt_core.weights import WeightLoadError
@@ -149,17 +150,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             status = int(args.run(args))
             raise_if_interrupted()  # an interrupt whose exception was lost: still an interrupt
             return status
-    except (ConversionError, DatasetError) as exc:
-        _error(str(exc))
-        return 2
-    except CrossCheckFailed:
-        return 1
-    except KeyboardInterrupt:
-        _error(_interrupted_message())
-        return 130
-    except (OSError, CheckpointError, WeightLoadError) as exc:  # user-caused problems without a more specific message
-        _error(str(describe(exc, getattr(exc, "filename", None))))
-        return 2
+    except BaseException as exc:
+        # A signal's KeyboardInterrupt raised inside a framework (TensorFlow's graph tracing, an import) may come out
+        # as another exception: once an interrupt was requested, whatever ends the command is that interrupt.
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, Exception) and interrupt_requested()):
+            _error(_interrupted_message())
+            return 130
+        if isinstance(exc, (ConversionError, DatasetError)):
+            _error(str(exc))
+            return 2
+        if isinstance(exc, CrossCheckFailed):
+            return 1
+        if isinstance(exc, (OSError, CheckpointError, WeightLoadError)):  # user-caused, no more specific message
+            _error(str(describe(exc, getattr(exc, "filename", None))))
+            return 2
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -445,6 +445,45 @@ def check_h5_file(path: str, kind: str = KERAS_KIND) -> None:
     open_h5(path, kind).close()
 
 
+def check_keras_weights_path(path: str) -> None:
+    """The whole-file checks for any path Keras' `load_weights` accepts, before Keras opens it: a `.keras` archive
+    (`check_keras_archive`), a `.weights.h5` file (walked as Keras weights), a sharded `.weights.json` (strict JSON;
+    every shard it names, a plain file name beside it, and every `<base>_NNNNN.weights.h5` Keras may open beside it,
+    each walked), or a legacy `.h5` / `.hdf5` file (walked as tf_keras' layout). Other paths are left to Keras,
+    which refuses them."""
+    path = os.fspath(path)
+    if path.endswith(".keras"):
+        check_keras_archive(path)
+    elif path.endswith(".weights.h5"):
+        check_h5_file(path, KERAS_KIND)
+    elif path.endswith(".weights.json"):
+        for shard in _keras_shards(path):
+            check_h5_file(shard, KERAS_KIND)
+    elif path.endswith((".h5", ".hdf5")):
+        check_h5_file(path, TF_KIND)
+
+
+def _keras_shards(path: str) -> List[str]:
+    from .untrusted import load_json_file
+
+    index = load_json_file(path, "sharded Keras weights index", max_bytes=Limits.JSON_BYTES)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: not a sharded Keras weights index (needs a 'weight_map' object)")
+    folder = os.path.dirname(path) or "."
+    names = set()
+    for value in weight_map.values():
+        for name in value if isinstance(value, list) else [value]:
+            if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                    or "\0" in name or not name.endswith(".weights.h5")):
+                raise CheckpointError(f"{path}: refusing shard {_shown(name)}: a shard must be a plain "
+                                      f".weights.h5 file name in the index's folder")
+            names.add(name)
+    base = os.path.basename(path)[: -len(".weights.json")]
+    names.update(n for n in os.listdir(folder) if n.startswith(base + "_") and n.endswith(".weights.h5"))
+    return [os.path.join(folder, n) for n in sorted(names)]
+
+
 def check_h5_bytes(data: bytes, source: str, kind: str = KERAS_KIND) -> None:
     """The walk over an HDF5 file held in memory (the weights inside a `.keras` archive)."""
     h5py = h5py_module(source)

@@ -569,10 +569,12 @@ def _load(path: Union[str, os.PathLike], where: str) -> "Image.Image":
 
 
 # Formats Pillow may decode a file as: an allow list of the photo formats whose header states the size that
-# decoding produces, so the size check before decoding holds. Left out: containers whose header states another
-# size than the image they hold (ICO, CUR and ICNS decode an embedded PNG of any size, then shrink it), formats
-# rendered by other programs (EPS runs Ghostscript, WMF), and scientific and game formats (HDF5, FITS, GRIB, DDS...).
-READ_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "QOI")
+# decoding produces, so the size check before decoding holds (and each tile Pillow will decode must lie inside that
+# size, `_check_tiles`). Left out: containers whose header states another size than what they decode (ICO, CUR and
+# ICNS decode an embedded PNG of any size, then shrink it; TIFF's tiles and strips may be far larger than its image,
+# and libtiff inflates a whole tile into a buffer of the tile's size), formats rendered by other programs (EPS runs
+# Ghostscript, WMF), and scientific and game formats (HDF5, FITS, GRIB, DDS...).
+READ_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "PPM", "TGA", "QOI")
 # What Pillow raises on a corrupt, truncated or hostile file (its plugins let struct, index and EOF errors through).
 _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
                   struct.error, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
@@ -634,6 +636,7 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
             raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
         with opened:
             check_image_size(*opened.size, what)  # the header's size, before decoding
+            _check_tiles(opened, what)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -646,6 +649,20 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
                 raise
             except _DECODE_ERRORS as exc:
                 raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
+
+
+def _check_tiles(opened: "Image.Image", what: str) -> None:
+    """Refuse a file whose decoder tiles (Pillow's plan of what it decodes where) reach outside the size its header
+    states: a GIF frame larger than its screen, for instance, would be decoded at the frame's size."""
+    width, height = opened.size
+    for tile in getattr(opened, "tile", None) or ():
+        box = tile[1] if len(tile) > 1 else None
+        if not (isinstance(box, tuple) and len(box) == 4):
+            continue
+        x0, y0, x1, y1 = box
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ImageTooLargeError(f"{what}: the image's data ({x1 - x0}x{y1 - y0} at {x0},{y0}) reaches outside the "
+                                     f"{width}x{height} pixels its header states; re-save it as PNG or JPEG")
 
 
 def _error_text(exc: BaseException) -> str:

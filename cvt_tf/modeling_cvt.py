@@ -862,15 +862,12 @@ def check_keras_weights(model: keras.Model, store, source: Optional[str] = None)
 
 
 def check_keras_weights_file_safety(path: str) -> None:
-    """The whole-file safety checks of `cvt_core.h5_safety` on a `.keras` archive or `.weights.h5` file (one-line
-    `CheckpointError`), with no comparison against a model; other files are left to Keras."""
-    from cvt_core.h5_safety import KERAS_KIND, check_h5_file, check_keras_archive
+    """The whole-file safety checks of `cvt_core.h5_safety` on any path `load_weights` takes (`.keras`,
+    `.weights.h5`, sharded `.weights.json` and every shard, legacy `.h5`), one-line `CheckpointError`, with no
+    comparison against a model."""
+    from cvt_core.h5_safety import check_keras_weights_path
 
-    path = os.fspath(path)
-    if path.endswith(".keras"):
-        check_keras_archive(path)
-    elif path.endswith(".weights.h5"):
-        check_h5_file(path, KERAS_KIND)
+    check_keras_weights_path(path)
 
 
 def check_keras_weights_file(model: keras.Model, path: str) -> None:

@@ -597,7 +597,7 @@ def _odd_valid_image(rng: random.Random) -> bytes:
 
     mode = rng.choice(["RGB", "L", "LA", "RGBA", "P", "1", "I;16", "I", "F", "CMYK", "YCbCr"])
     size = rng.choice([(1, 1), (3, 200), (200, 3), (64, 48), (17, 31)])
-    fmt = rng.choice(["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"])
+    fmt = rng.choice(["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA", "QOI", "ICO"])
     pixels = np.random.default_rng(rng.randrange(2 ** 32)).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode if mode not in ("I;16", "I", "F") else "L")
     if mode in ("I;16", "I", "F"):
@@ -605,7 +605,7 @@ def _odd_valid_image(rng: random.Random) -> bytes:
     buffer = io.BytesIO()
     try:
         image.save(buffer, fmt)
-    except (OSError, ValueError, KeyError):  # this format cannot hold this mode: TIFF holds them all
+    except (OSError, ValueError, KeyError):  # this format cannot hold this mode: TIFF holds them all (and is refused)
         buffer = io.BytesIO()
         image.save(buffer, "TIFF")
     data = buffer.getvalue()

@@ -489,3 +489,90 @@ def test_full_disk_while_writing_tf_model_h5_is_one_line_not_a_segfault(world, t
         assert os.listdir(mount) == []
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------- every path load_weights takes
+def _tiny_keras_model(world):
+    from cvt_tf import TFCvtForImageClassification
+
+    return TFCvtForImageClassification.from_pretrained(str(world / "all"))
+
+
+def _sharded_weights(model, folder):
+    """`save_weights` split into shards: `w.weights.json` and `w_0000N.weights.h5` (Keras names them so)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras notes that it renames the .weights.h5 it was given to .weights.json
+        model.save_weights(str(folder / "w.weights.h5"), max_shard_size=0.0001)
+    shards = sorted(n for n in os.listdir(folder) if n.endswith(".weights.h5"))
+    assert (folder / "w.weights.json").exists() and len(shards) > 1
+    return folder / "w.weights.json", [folder / n for n in shards]
+
+
+@pytest.mark.parametrize("skip_mismatch", [False, True])
+@pytest.mark.parametrize("where", ["listed", "unlisted"])
+def test_every_shard_of_sharded_keras_weights_is_walked_before_keras_reads_it(world, tmp_path, where, skip_mismatch):
+    """A shard holding an unallocated 2 GiB dataset (a 300 KB file) was read whole under skip_mismatch=True, and
+    Keras also opens `<base>_00000.weights.h5` whether or not the index lists it."""
+    model = _tiny_keras_model(world)
+    index, shards = _sharded_weights(model, tmp_path)
+    if where == "unlisted":  # the index names other files; the shard Keras opens by its own naming is the bad one
+        data = json.loads(index.read_text())
+        def elsewhere(value):
+            names = value if isinstance(value, list) else [value]
+            kept = [n for n in names if not n.endswith("_00000.weights.h5")] or [shards[-1].name]
+            return kept if isinstance(value, list) else kept[0]
+
+        data["weight_map"] = {k: elsewhere(v) for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    with h5py.File(shards[0], "r+") as f:
+        vars_groups = []
+        f.visititems(lambda n, o: vars_groups.append(n) if isinstance(o, h5py.Group) and n.endswith("vars") else None)
+        name = [g for g in vars_groups if len(f[g])][0] + "/0"
+        del f[name]
+        f.create_dataset(name, shape=(1 << 29,), dtype="<f4", chunks=(1 << 18,), fillvalue=0.5)
+    before = model.canonical_weights()["classifier.weight"].numpy().copy()
+    with pytest.raises(CheckpointError) as info:
+        model.load_weights(str(index), skip_mismatch=skip_mismatch)
+    _assert_one_line(info, shards[0], "chunked storage")
+    np.testing.assert_array_equal(model.canonical_weights()["classifier.weight"].numpy(), before)
+
+
+def test_sharded_keras_weights_naming_a_file_outside_their_folder_are_refused(world, tmp_path):
+    model = _tiny_keras_model(world)
+    index, _ = _sharded_weights(model, tmp_path)
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = ["../secret.weights.h5"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as info:
+        model.load_weights(str(index))
+    _assert_one_line(info, index, "a shard must be a plain .weights.h5 file name")
+
+
+@pytest.mark.parametrize("skip_mismatch", [False, True])
+def test_a_legacy_h5_given_to_load_weights_is_walked_like_tf_model_h5(world, tmp_path, skip_mismatch):
+    """`load_weights("x.h5")` goes to Keras' legacy reader, which cast integer kernels and read unallocated data."""
+    model = _tiny_keras_model(world)
+    path = tmp_path / "legacy.h5"
+    shutil.copyfile(world / "all" / "tf_model.h5", path)
+    with h5py.File(path, "r+") as f:
+        shape = f[TF_KERNEL].shape
+        del f[TF_KERNEL]
+        f[TF_KERNEL] = np.full(shape, 7, np.int32)
+    before = model.canonical_weights()["classifier.weight"].numpy().copy()
+    with pytest.raises(CheckpointError) as info:
+        model.load_weights(str(path), skip_mismatch=skip_mismatch)
+    _assert_one_line(info, path, "integer")
+    np.testing.assert_array_equal(model.canonical_weights()["classifier.weight"].numpy(), before)
+
+
+def test_valid_sharded_and_legacy_files_still_load_through_load_weights(world, tmp_path):
+    model = _tiny_keras_model(world)
+    want = model.canonical_weights()["classifier.weight"].numpy().copy()
+    index, _ = _sharded_weights(model, tmp_path)
+    for path in (index, world / "all" / "tf_model.h5"):
+        fresh = _tiny_keras_model(world)
+        fresh.load_weights(str(path))
+        np.testing.assert_array_equal(fresh.canonical_weights()["classifier.weight"].numpy(), want)

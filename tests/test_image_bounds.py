@@ -138,7 +138,7 @@ def _valid_files() -> dict:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
     files = {}
-    for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"):
+    for fmt in ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM", "TGA", "QOI"):
         buffer = io.BytesIO()
         image.save(buffer, format=fmt)
         files[fmt] = buffer.getvalue()
@@ -148,7 +148,6 @@ def _valid_files() -> dict:
 VALID = _valid_files()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's own notes on the corrupt TIFF tags
 @pytest.mark.parametrize("fmt", sorted(VALID))
 def test_truncated_and_corrupted_files_are_one_image_load_error_line(tmp_path, fmt):
     data = VALID[fmt]
@@ -194,7 +193,32 @@ def test_an_icon_container_declaring_16x16_around_a_huge_png_is_not_decoded(tmp_
     assert "icon.ico: not an image in a format read here" in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("fmt", ["ICO", "ICNS", "PCX", "SGI", "DDS"])
+def test_a_tiff_whose_one_tile_is_far_larger_than_its_8x8_image_is_not_decoded(tmp_path):
+    """TIFF tiles may exceed the image, and libtiff inflates a whole tile: 2 MB declaring 8x8 took 2.1 GB."""
+    from PIL import TiffImagePlugin
+
+    path = tmp_path / "tile.tif"
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    Image.new("RGB", (8, 8)).save(path, "TIFF", tiffinfo=info)
+    with pytest.raises(ImageLoadError, match="tile.tif: not an image in a format read here"):
+        read_image_file(path)
+
+
+def test_a_gif_frame_reaching_outside_its_screen_is_refused_before_decoding(tmp_path):
+    """GIF's header gives the screen; each frame has its own box, which Pillow would decode at the frame's size."""
+    import struct as _struct
+
+    screen = b"GIF89a" + _struct.pack("<HH", 8, 8) + b"\x00\x00\x00"
+    frame = b"\x2c" + _struct.pack("<HHHH", 0, 0, 30000, 30000) + b"\x80" + b"\x00\x00\x00\xff\xff\xff"
+    data = screen + frame + b"\x02\x02\x44\x01\x00\x3b"
+    path = tmp_path / "frame.gif"
+    path.write_bytes(data)
+    with pytest.raises(ImageLoadError) as caught:
+        read_image_file(path)
+    assert "frame.gif" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "ICNS", "PCX", "SGI", "DDS", "TIFF"])
 def test_formats_outside_the_allow_list_are_refused_in_one_line(tmp_path, fmt):
     from PIL import Image
 

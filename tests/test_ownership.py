@@ -365,6 +365,27 @@ def test_an_interrupt_swallowed_during_the_cross_check_still_exits_130_and_write
     assert "wrote" not in out and not dst.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("reraised", [ValueError, RuntimeError, TypeError])
+def test_an_interrupt_a_framework_turns_into_another_exception_still_exits_130_and_writes_nothing(
+        world, tmp_path, monkeypatch, reraised):
+    """TensorFlow's graph tracing catches the KeyboardInterrupt a signal raises and re-raises its own error (seen
+    under SIGTERM during `cvt export`): the interrupt request decides the exit, not the exception's type."""
+    import conversion.crosscheck as crosscheck
+    from cvt_cli.app import _on_sigterm
+
+    def traced(*args, **kwargs):
+        try:
+            _on_sigterm(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            raise reraised("Tried to convert 'shape' to a tensor and failed. Error: None values not supported.")
+
+    monkeypatch.setattr(crosscheck, "build_result", traced)
+    dst = tmp_path / "dst"
+    code, out, err = cli("convert", world / "src", dst, "--to", "torch", "--quiet")
+    assert code == 130 and err == "cvt: error: interrupted; nothing was written\n", (code, err)
+    assert not dst.exists() and leftovers(tmp_path) == []
+
+
 def _convert_process(world, dst, cwd):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                KERAS_BACKEND=os.environ.get("KERAS_BACKEND", "tensorflow"))
