@@ -708,12 +708,64 @@ def _alarm(signum, frame):
     raise TimeoutError("the reader did not finish in time")
 
 
+# `cvt convert` on a checkpoint folder holding one generated file: the command line's promises (exit 0 or 2, one
+# stderr line on a refusal, no traceback, nothing left behind) on the same cases as the readers
+CLI_KINDS = ("cli:safetensors", "cli:torch-zip", "cli:tf-h5", "cli:keras-weights", "cli:config")
+
+
+def _cli_folder(base: str, path: str) -> str:
+    """The checkpoint folder of a command-line case: the generated file, and a valid rest (config or weights)."""
+    folder = os.path.dirname(path)
+    if base == "config":
+        _write_safetensors(os.path.join(folder, "model.safetensors"))
+    else:
+        _config().save_pretrained(folder)
+    return folder
+
+
+def run_cli_case(base: str, path: str) -> Dict[str, object]:
+    """`cvt convert FOLDER DST --to torch` in this process; the outcome record of the case."""
+    import contextlib
+
+    from cvt_cli.app import main
+
+    folder = _cli_folder(base, path)
+    dst = os.path.join(os.path.dirname(folder), "converted-" + os.path.basename(folder))
+    source = ["--from", "keras"] if base == "keras-weights" else []
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["convert", folder, dst, "--to", "torch", "--quiet", *source])
+    errors = err.getvalue()
+    leftovers = [n for n in os.listdir(os.path.dirname(folder)) if ".partial-" in n or ".old-" in n]
+    if code not in (0, 1, 2) or "Traceback" in errors:
+        return {"outcome": "violation", "detail": f"exit {code}: {errors[-500:]}"}
+    if code == 2 and not (errors.startswith("cvt: error: ") and errors.count("\n") == 1):
+        return {"outcome": "violation", "detail": f"a refusal that is not one line: {errors[-500:]!r}"}
+    if code != 0 and (os.path.exists(dst) or leftovers):
+        return {"outcome": "violation", "detail": f"exit {code} left {dst if os.path.exists(dst) else leftovers}"}
+    if code == 0:
+        for name in os.listdir(dst):
+            with open(os.path.join(dst, name), "rb") as f:
+                if SECRET_MARK in f.read():
+                    return {"outcome": "violation", "detail": f"secret bytes in the converted {name}"}
+        return {"outcome": "ok"}
+    return {"outcome": "refused", "detail": (errors or out.getvalue()).strip()[-300:]}
+
+
 def run_worker(kind: str, run_seed: int, start: int, count: int) -> None:
     """Run cases start..start+count-1 of `kind`, printing one JSON line each (see the module docstring)."""
-    workdir = tempfile.mkdtemp(prefix=f"cvt-fuzz-{kind}-")
-    Subject(kind, workdir)
-    seed_name, seed_data = _seed_bytes(kind, workdir)
-    read_case(kind, os.path.join(workdir, "seed", seed_name))  # the seed reads, and every import is done
+    cli = kind.startswith("cli:")
+    base = kind[len("cli:"):] if cli else kind
+    workdir = tempfile.mkdtemp(prefix=f"cvt-fuzz-{base}-")
+    Subject(base, workdir)
+    seed_name, seed_data = _seed_bytes(base, workdir)
+    if cli:
+        os.makedirs(os.path.join(workdir, "seed-case"))
+        shutil_copy = __import__("shutil").copyfile
+        shutil_copy(os.path.join(workdir, "seed", seed_name), os.path.join(workdir, "seed-case", seed_name))
+        assert run_cli_case(base, os.path.join(workdir, "seed-case", seed_name))["outcome"] == "ok"
+    else:
+        read_case(kind, os.path.join(workdir, "seed", seed_name))  # the seed reads, and every import is done
     hostile_pickles()
     deflated_zeros()
     limit = _vm_size() + HEADROOM_BYTES
@@ -724,12 +776,22 @@ def run_worker(kind: str, run_seed: int, start: int, count: int) -> None:
         print(json.dumps({"start": index}), flush=True)
         record: Dict[str, object] = {"case": index}
         try:
-            path = make_case(kind, workdir, seed_name, seed_data, index, run_seed)
+            path = make_case(base, workdir, seed_name, seed_data, index, run_seed)
         except Exception as exc:  # the generator itself failed: not a finding about the reader
             record.update(outcome="skipped", detail=f"{type(exc).__name__}: {exc}"[:300])
             print(json.dumps(record), flush=True)
             continue
-        signal.alarm(CASE_SECONDS)
+        signal.alarm(CASE_SECONDS * (3 if cli else 1))
+        if cli:
+            try:
+                record.update(run_cli_case(base, path))
+            except BaseException as exc:  # noqa: BLE001 - main() itself let something through
+                record.update(outcome="violation", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
+            signal.alarm(0)
+            print(json.dumps(record), flush=True)
+            _remove_tree(os.path.join(workdir, f"case-{index}"))
+            _remove_tree(os.path.join(workdir, f"converted-case-{index}"))
+            continue
         try:
             arrays = read_case(kind, path)
             signal.alarm(0)
