@@ -27,6 +27,7 @@ import reprlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_write
+from .shapes import DEFAULT_IMAGE_SIZE, partial_stage_geometry
 from .untrusted import Limits, open_regular_file, parse_json
 
 # Per-stage list fields, in transformers' order. Every one must have one entry per stage.
@@ -82,7 +83,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "cvt-w24": {"embed_dim": [192, 768, 1024], "num_heads": [3, 12, 16], "depth": [2, 2, 20], "drop_path_rate": [0.0, 0.0, 0.3]},
 }
 
-DEFAULT_IMAGE_SIZE = 224  # the released CvT models' resolution, for configs that name none
 
 # Keys transformers writes into config.json that carry no meaning for the architecture; kept and written back.
 _PASSTHROUGH_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
@@ -695,8 +695,6 @@ def activation_elements(config: CvtConfig) -> Tuple[int, str]:
     where that is: the largest of the input image and, for each stage, its tokens times its widest layer (embed_dim
     or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens), and each zero-padded grid
     a convolution reads (the patch embedding's input, the q/k/v projections' inputs)."""
-    from .shapes import partial_stage_geometry  # shapes imports this module
-
     size = config.image_size if config.image_size is not None else DEFAULT_IMAGE_SIZE
     height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
     worst = height * width * config.num_channels

@@ -9,9 +9,12 @@ projection of a stage uses; both models build their projections from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Sequence, Tuple
 
-from .config import DEFAULT_IMAGE_SIZE, CvtConfig
+if TYPE_CHECKING:  # annotations only: config.py reads the shapes (its size budget), not the other way round
+    from .config import CvtConfig
+
+DEFAULT_IMAGE_SIZE = 224  # the released CvT models' resolution, for configs that name none
 
 
 class InputTooSmallError(ValueError):

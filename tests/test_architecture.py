@@ -58,5 +58,6 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_module_imports_itself_back():
-    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
+    # imports made for annotations only (`if TYPE_CHECKING:`) never run, so they cannot close a cycle
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None, exclude_type_checking_imports=True)
     assert _import_cycles(graph) == []
