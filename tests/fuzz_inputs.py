@@ -756,7 +756,7 @@ def run_worker(kind: str, run_seed: int, start: int, count: int) -> None:
     """Run cases start..start+count-1 of `kind`, printing one JSON line each (see the module docstring)."""
     cli = kind.startswith("cli:")
     base = kind[len("cli:"):] if cli else kind
-    workdir = tempfile.mkdtemp(prefix=f"cvt-fuzz-{base}-")
+    workdir = tempfile.mkdtemp(prefix=f"cvt-fuzz-{base}-", dir=os.environ.get("CVT_FUZZ_TMP"))
     Subject(base, workdir)
     seed_name, seed_data = _seed_bytes(base, workdir)
     if cli:

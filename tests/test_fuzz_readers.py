@@ -31,12 +31,14 @@ SLOW_CASES_BY_KIND = {"keras-weights": 600, "keras-file": 1500}
 CHILD_TIMEOUT = 900
 
 
-def run_cases(kind: str, run_seed: int, count: int) -> Dict[str, List[dict]]:
+def run_cases(kind: str, run_seed: int, count: int, workdir: str) -> Dict[str, List[dict]]:
     """Every case's record, by outcome; a child that dies is restarted after the case it died on, which is then
     recorded as a crash."""
     outcomes: Dict[str, List[dict]] = {}
     start, end = 0, count
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", PYTHONFAULTHANDLER="1")
+    # the child's files live under `workdir` (pytest's tmp_path), so a child that dies leaves nothing elsewhere
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", PYTHONFAULTHANDLER="1",
+               CVT_FUZZ_TMP=workdir)
     while start < end:
         child = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_inputs.py"), kind, str(run_seed),
                                 str(start), str(end - start)], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
@@ -63,8 +65,8 @@ def run_cases(kind: str, run_seed: int, count: int) -> Dict[str, List[dict]]:
     return outcomes
 
 
-def check(kind: str, run_seed: int, count: int, least_refused: float = 0.25) -> None:
-    outcomes = run_cases(kind, run_seed, count)
+def check(kind: str, run_seed: int, count: int, workdir, least_refused: float = 0.25) -> None:
+    outcomes = run_cases(kind, run_seed, count, str(workdir))
     violations = outcomes.get("violation", [])
     assert not violations, f"{len(violations)} of {count} {kind} cases broke an invariant, e.g. " + \
         json.dumps(violations[:5], indent=1)
@@ -76,22 +78,22 @@ def check(kind: str, run_seed: int, count: int, least_refused: float = 0.25) -> 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_generated_hostile_inputs_are_read_or_refused_in_one_line_within_the_memory_cap(kind):
-    check(kind, run_seed=0, count=DEFAULT_CASES_BY_KIND.get(kind, DEFAULT_CASES))
+def test_generated_hostile_inputs_are_read_or_refused_in_one_line_within_the_memory_cap(kind, tmp_path):
+    check(kind, run_seed=0, count=DEFAULT_CASES_BY_KIND.get(kind, DEFAULT_CASES), workdir=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_thousands_of_generated_hostile_inputs_keep_every_invariant(kind):
-    check(kind, run_seed=1, count=SLOW_CASES_BY_KIND.get(kind, SLOW_CASES))
+def test_thousands_of_generated_hostile_inputs_keep_every_invariant(kind, tmp_path):
+    check(kind, run_seed=1, count=SLOW_CASES_BY_KIND.get(kind, SLOW_CASES), workdir=tmp_path)
 
 
 @pytest.mark.parametrize("kind", CLI_KINDS)
-def test_generated_hostile_checkpoints_make_cvt_convert_exit_0_or_2_with_one_line_and_leave_nothing(kind):
-    check(kind, run_seed=0, count=CLI_CASES[kind])
+def test_generated_hostile_checkpoints_make_cvt_convert_exit_0_or_2_with_one_line_and_leave_nothing(kind, tmp_path):
+    check(kind, run_seed=0, count=CLI_CASES[kind], workdir=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", CLI_KINDS)
-def test_hundreds_of_generated_hostile_checkpoints_keep_the_command_lines_promises(kind):
-    check(kind, run_seed=1, count=SLOW_CLI_CASES)
+def test_hundreds_of_generated_hostile_checkpoints_keep_the_command_lines_promises(kind, tmp_path):
+    check(kind, run_seed=1, count=SLOW_CLI_CASES, workdir=tmp_path)
