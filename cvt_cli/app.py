@@ -30,6 +30,7 @@ from conversion.atomic import (committed_destinations, interrupt_requested, rais
                                running_command)
 from conversion.errors import ConversionError, CrossCheckFailed, describe, one_line
 from cvt_core.checkpoint import CheckpointError
+from cvt_core.shapes import ModelTooLargeError
 from cvt_core.weights import WeightLoadError
 
 from . import attention, convert, demo, export, predict, train, verify
@@ -161,8 +162,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         if isinstance(exc, CrossCheckFailed):
             return 1
-        if isinstance(exc, (OSError, CheckpointError, WeightLoadError)):  # user-caused, no more specific message
+        if isinstance(exc, (OSError, CheckpointError, WeightLoadError, ModelTooLargeError)):  # user-caused
             _error(str(describe(exc, getattr(exc, "filename", None))))
+            return 2
+        if isinstance(exc, MemoryError):
+            _error(f"out of memory ({str(exc)[:200] or 'MemoryError'}): the input or the model is larger than this "
+                   f"machine can hold; nothing was written")
             return 2
         raise
     finally:

@@ -24,10 +24,11 @@ import math
 import os
 import re
 import reprlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from .atomic import atomic_write
-from .shapes import DEFAULT_IMAGE_SIZE, partial_stage_geometry
+from .shapes import DEFAULT_IMAGE_SIZE, ModelTooLargeError, activation_problem
+from .shapes import activation_elements  # noqa: F401  (the budget's figure, re-exported beside it)
 from .untrusted import Limits, open_regular_file, parse_json
 
 # Per-stage list fields, in transformers' order. Every one must have one entry per stage.
@@ -665,10 +666,6 @@ def _read_config_bytes(path: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ model budget
-class ModelTooLargeError(ValueError):
-    """A config whose model would need more parameters or activation memory than `Limits` accepts."""
-
-
 def parameter_count(config: CvtConfig, with_head: bool = True) -> int:
     """Trainable parameters of the model `config` describes, in closed form (no weight table is built): equal to
     `cvt_core.weights.count_parameters`, e.g. 19,997,480 for cvt-13 with 1000 labels."""
@@ -690,55 +687,20 @@ def parameter_count(config: CvtConfig, with_head: bool = True) -> int:
     return total
 
 
-def activation_elements(config: CvtConfig) -> Tuple[int, str]:
-    """Activation elements one image at the config's `image_size` (224 when unset) needs at the widest point, and
-    where that is: the largest of the input image and, for each stage, its tokens times its widest layer (embed_dim
-    or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens), and each zero-padded grid
-    a convolution reads (the patch embedding's input, the q/k/v projections' inputs)."""
-    size = config.image_size if config.image_size is not None else DEFAULT_IMAGE_SIZE
-    height, width = (size[0], size[-1]) if isinstance(size, (list, tuple)) else (size, size)
-    worst = height * width * config.num_channels
-    where = f"the {height}x{width} input image"
-    in_height, in_width = height, width
-    for geo in partial_stage_geometry(config, height, width):
-        s = geo.stage
-        widest = max(config.embed_dim[s], config.mlp_hidden_dim(s))
-        maps = config.num_heads[s] * geo.num_query_tokens * geo.num_key_tokens
-        elements = geo.num_tokens * widest + maps
-        if elements > worst:
-            worst = elements
-            where = (f"stage {s} of a {height}x{width} image: {geo.num_tokens:,} tokens of width {widest:,} and "
-                     f"{config.num_heads[s]} attention maps of {geo.num_query_tokens:,}x{geo.num_key_tokens:,}")
-        # the zero-padded grids the convolutions read (a framework may pad explicitly, as Keras does)
-        padded = [(f"the patch embedding's padded input ({config.stage_in_channels(s)} channels)",
-                   config.stage_in_channels(s), in_height + 2 * config.patch_padding[s],
-                   in_width + 2 * config.patch_padding[s])]
-        if config.qkv_projection_method[s] != "linear":
-            for name in ("padding_q", "padding_kv"):
-                pad = getattr(config, name)[s]
-                padded.append((f"the q/k/v projection's input padded by {name}={pad}", config.embed_dim[s],
-                               geo.height + 2 * pad, geo.width + 2 * pad))
-        for what, channels, padded_height, padded_width in padded:
-            elements = channels * padded_height * padded_width
-            if elements > worst:
-                worst = elements
-                where = f"stage {s} of a {height}x{width} image: {what}, {padded_height:,}x{padded_width:,}"
-        in_height, in_width = geo.height, geo.width
-    return worst, where
-
-
 def check_model_budget(config: CvtConfig) -> None:
     """Raise `ModelTooLargeError` (one line, the figure and the limit) when the model would hold more than
-    `Limits.MODEL_PARAMETERS` parameters or one image would need more than `Limits.ACTIVATION_ELEMENTS` activation
-    elements; called by `validate`, so before any model allocates a weight."""
+    `Limits.MODEL_PARAMETERS` parameters or `Limits.MODEL_BLOCKS` blocks, or one image would need more than
+    `Limits.ACTIVATION_ELEMENTS` activation elements; called by `validate`, so before any model allocates a weight."""
     parameters = parameter_count(config)
     if parameters > Limits.MODEL_PARAMETERS:
         raise ModelTooLargeError(
             f"the model would have {parameters:,} parameters ({parameters * 4 / 1e9:.1f} GB in float32); at most "
             f"{Limits.MODEL_PARAMETERS:,} are accepted (lower embed_dim, depth, mlp_ratio or num_labels)")
-    elements, where = activation_elements(config)
-    if elements > Limits.ACTIVATION_ELEMENTS:
+    blocks = sum(config.depth)
+    if blocks > Limits.MODEL_BLOCKS:  # building a block costs time and memory whatever its width (Keras: ~1 s each)
         raise ModelTooLargeError(
-            f"one image would need {elements:,} activation elements ({elements * 4 / 1e9:.1f} GB in float32) in "
-            f"{where}; at most {Limits.ACTIVATION_ELEMENTS:,} are accepted (lower image_size, embed_dim or a padding, or raise "
-            f"patch_stride or stride_kv)")
+            f"the model would have {blocks:,} transformer blocks (depth {list(config.depth)}); at most "
+            f"{Limits.MODEL_BLOCKS} are accepted (the released CvT-W24 has 24)")
+    problem = activation_problem(config)
+    if problem:
+        raise ModelTooLargeError(problem)

@@ -127,6 +127,7 @@ class _Walk:
         self.datasets: Dict[Tuple[int, int], H5Dataset] = {}
         self.total = 0
         self.links = 0
+        self.string_bytes = 0  # characters of the variable-length string attributes read so far
 
     def refuse(self, problem: str):
         raise CheckpointError(f"{self.source}: {problem}")
@@ -263,6 +264,20 @@ class _Walk:
                 self.refuse(f"{shown} stores {stored} bytes; at most {Limits.H5_ATTRIBUTE_BYTES} are accepted")
             if cls == h5py.h5t.STRING and tid.is_variable_str() and self.kind == KERAS_KIND and count > 1:
                 self.refuse(f"{shown} is a list of {count} variable-length strings; Keras writes scalars")
+            if cls == h5py.h5t.STRING and tid.is_variable_str() and count == 1:
+                self.check_variable_string(attr, shown)
+
+    def check_variable_string(self, attr, shown: str) -> None:
+        """A variable-length string attribute stores 16 bytes and points at a string in the file's heap, which many
+        attributes may share: whoever reads them all (Keras' legacy loader does) allocates their lengths added up.
+        They are read here one at a time, and refused once together they are longer than the file."""
+        value = np.empty((), dtype=self.h5py.string_dtype(encoding="ascii"))
+        attr.read(value)
+        item = value[()]
+        self.string_bytes += len(item) if isinstance(item, (bytes, str)) else 0
+        if self.string_bytes > self.size + Limits.H5_ATTRIBUTE_BYTES:
+            self.refuse(f"{shown}: the variable-length string attributes together hold {self.string_bytes} bytes, "
+                        f"more than the {self.size}-byte file (strings shared between attributes)")
 
 
 def _size_of(h5file) -> int:

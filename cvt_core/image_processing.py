@@ -637,6 +637,8 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
         with opened:
             check_image_size(*opened.size, what)  # the header's size, before decoding
             _check_tiles(opened, what)
+            if opened.format == "JPEG":
+                _check_jpeg_scans(handle, what)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -649,6 +651,28 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
                 raise
             except _DECODE_ERRORS as exc:
                 raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
+
+
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; libjpeg decodes every scan over the whole image
+
+
+def _check_jpeg_scans(handle, what: str) -> None:
+    """Refuse a JPEG with more than `MAX_JPEG_SCANS` scans before decoding: each scan costs a pass over the whole
+    image, so a 1 MB file of 10,000 tiny scans kept a core busy for 100 s. Start-of-scan markers (FF DA) cannot
+    occur inside entropy-coded data (an FF there is followed by 00), so counting them counts the scans."""
+    position = handle.tell()
+    handle.seek(0)
+    scans, tail = 0, b""
+    while True:
+        chunk = handle.read(1 << 20)
+        if not chunk:
+            break
+        scans += (tail + chunk).count(b"\xff\xda")
+        tail = chunk[-1:]
+        if scans > MAX_JPEG_SCANS:
+            raise ImageTooLargeError(f"{what}: a JPEG of more than {MAX_JPEG_SCANS} scans; each is a pass over the "
+                                     f"whole image (re-save it as a baseline JPEG or PNG)")
+    handle.seek(position)
 
 
 def _check_tiles(opened: "Image.Image", what: str) -> None:
@@ -692,8 +716,9 @@ def _to_8bit(image: "Image.Image", where: str) -> "Image.Image":
     mode = image.mode
     if not (mode.startswith("I;16") or mode in ("I", "F")):
         return image
-    values = np.asarray(image).astype(np.float64)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    values = np.asarray(image)
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN or huge float pixel is refused below, in one line
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
         raise HighBitDepthError(
             f"cannot tell the bit depth of a mode {mode!r} image{where} with values in [{low:g}, {high:g}]: 16-bit "
@@ -704,7 +729,12 @@ def _to_8bit(image: "Image.Image", where: str) -> "Image.Image":
         scale = 1.0
     else:
         scale = 255.0 / 65535.0
-    return Image.fromarray(np.rint(values * scale).astype(np.uint8))
+    # integer images: float32 gives every 16-bit level exactly as float64 rounds it, in half the memory, scaled in
+    # place; float images keep float64, whose rounding float32 does not reproduce at every level
+    scaled = values.astype(np.float64 if mode == "F" else np.float32)
+    scaled *= scale
+    np.rint(scaled, out=scaled)
+    return Image.fromarray(scaled.astype(np.uint8))
 
 
 def _array_to_hwc_rgb(array: np.ndarray, input_data_format: Optional[str], where: str) -> np.ndarray:

@@ -9,7 +9,9 @@ projection of a stage uses; both models build their projections from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, NamedTuple, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
+
+from .untrusted import Limits
 
 if TYPE_CHECKING:  # annotations only: config.py reads the shapes (its size budget), not the other way round
     from .config import CvtConfig
@@ -199,4 +201,63 @@ def check_pixel_values_shape(config: CvtConfig, shape: Sequence[int], channels_l
         )
     if height is not None and width is not None:
         stage_geometry(config, int(height), int(width))
+        problem = activation_problem(config, int(height), int(width))
+        if problem:
+            raise ModelTooLargeError(f"pixel_values of {int(height)}x{int(width)}: {problem}")
     return height, width
+
+
+class ModelTooLargeError(ValueError):
+    """A config (or an input size) whose model would need more parameters or activation memory than `Limits`
+    accepts."""
+
+
+def activation_elements(config: CvtConfig, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, str]:
+    """Activation elements one image of `height` x `width` (default: the config's `image_size`, 224 when unset)
+    needs at the widest point, and
+    where that is: the largest of the input image and, for each stage, its tokens times its widest layer (embed_dim
+    or the MLP's hidden width) plus its attention maps (heads x query tokens x key tokens), and each zero-padded grid
+    a convolution reads (the patch embedding's input, the q/k/v projections' inputs)."""
+    if height is None or width is None:
+        height, width = default_input_size(config)
+    worst = height * width * config.num_channels
+    where = f"the {height}x{width} input image"
+    in_height, in_width = height, width
+    for geo in partial_stage_geometry(config, height, width):
+        s = geo.stage
+        widest = max(config.embed_dim[s], config.mlp_hidden_dim(s))
+        maps = config.num_heads[s] * geo.num_query_tokens * geo.num_key_tokens
+        elements = geo.num_tokens * widest + maps
+        if elements > worst:
+            worst = elements
+            where = (f"stage {s} of a {height}x{width} image: {geo.num_tokens:,} tokens of width {widest:,} and "
+                     f"{config.num_heads[s]} attention maps of {geo.num_query_tokens:,}x{geo.num_key_tokens:,}")
+        # the zero-padded grids the convolutions read (a framework may pad explicitly, as Keras does)
+        padded = [(f"the patch embedding's padded input ({config.stage_in_channels(s)} channels)",
+                   config.stage_in_channels(s), in_height + 2 * config.patch_padding[s],
+                   in_width + 2 * config.patch_padding[s])]
+        if config.qkv_projection_method[s] != "linear":
+            for name in ("padding_q", "padding_kv"):
+                pad = getattr(config, name)[s]
+                padded.append((f"the q/k/v projection's input padded by {name}={pad}", config.embed_dim[s],
+                               geo.height + 2 * pad, geo.width + 2 * pad))
+        for what, channels, padded_height, padded_width in padded:
+            elements = channels * padded_height * padded_width
+            if elements > worst:
+                worst = elements
+                where = f"stage {s} of a {height}x{width} image: {what}, {padded_height:,}x{padded_width:,}"
+        in_height, in_width = geo.height, geo.width
+    return worst, where
+
+
+def activation_problem(config: CvtConfig, height: Optional[int] = None, width: Optional[int] = None) -> Optional[str]:
+    """Why one image of `height` x `width` (default: the config's image size) needs more activation memory than
+    `Limits.ACTIVATION_ELEMENTS`, or None. Checked for the config when it is validated, and for every input the
+    models are given (`check_pixel_values_shape`): an input larger than the config's image size, from a
+    preprocessing config or a caller, is held to the same bound."""
+    elements, where = activation_elements(config, height, width)
+    if elements <= Limits.ACTIVATION_ELEMENTS:
+        return None
+    return (f"one image would need {elements:,} activation elements ({elements * 4 / 1e9:.1f} GB in float32) in "
+            f"{where}; at most {Limits.ACTIVATION_ELEMENTS:,} are accepted (lower the image size, embed_dim or a "
+            f"padding, or raise patch_stride or stride_kv)")

@@ -40,10 +40,11 @@ class Limits:
     # image at its image size (the largest stage's tokens times its widest layer, and its attention maps)
     MODEL_PARAMETERS = 2_000_000_000
     ACTIVATION_ELEMENTS = 2_000_000_000
+    MODEL_BLOCKS = 128  # transformer blocks in all stages (the released CvT-W24 has 24)
     # HDF5 files (tf_model.h5, model.weights.h5; cvt_core.h5_safety): links walked in one file (a CvT-W24
     # tf_model.h5 has a few thousand), the stored size of one attribute, and the names read from name-list
     # attributes (how many in one file, and the characters of one)
-    H5_LINKS = 1_000_000
+    H5_LINKS = 100_000
     H5_ATTRIBUTE_BYTES = 1024 * 1024
     H5_NAMES = 100_000
     H5_NAME_CHARS = 512

@@ -576,3 +576,23 @@ def test_valid_sharded_and_legacy_files_still_load_through_load_weights(world, t
         fresh = _tiny_keras_model(world)
         fresh.load_weights(str(path))
         np.testing.assert_array_equal(fresh.canonical_weights()["classifier.weight"].numpy(), want)
+
+
+def test_variable_length_string_attributes_together_longer_than_the_file_are_refused(tmp_path, monkeypatch):
+    """Such an attribute stores 16 bytes and points at a heap string many attributes may share; Keras' legacy
+    loader read 3000 of them pointing at one 1 MB string (3 GB) from a 1.3 MB file. The walk adds their lengths up
+    (here four distinct strings against a small file size and a small allowance, since a real file cannot share one
+    string between attributes without hand-patching its heap)."""
+    from cvt_core.h5_safety import TF_KIND, _Walk
+    from cvt_core.untrusted import Limits
+
+    monkeypatch.setattr(Limits, "H5_ATTRIBUTE_BYTES", 100)  # each stores 16 bytes; 100 is also the allowance
+
+    path = tmp_path / "strings.h5"
+    with h5py.File(path, "w") as f:
+        for index in range(4):
+            f.attrs[f"layer_names{index}"] = "x" * 1000  # h5py stores a Python str as a variable-length string
+    with h5py.File(path, "r") as f:
+        walk = _Walk(h5py, str(path), size=1500, kind=TF_KIND)
+        with pytest.raises(CheckpointError, match="together hold 2000 bytes, more than the 1500-byte file"):
+            walk.check_attributes(f.id, "/")

@@ -14,9 +14,9 @@ import subprocess
 import sys
 import zlib
 
-import numpy as np
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -376,3 +376,27 @@ def test_cvt_predict_reports_bombs_fifos_and_bad_preprocessor_configs_in_one_lin
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(good)
     assert_one_line_error(*cli("predict", good, "--model", checkpoint, "--quiet"),
                           f"{checkpoint / PREPROCESSOR_CONFIG_NAME}: size shortest_edge=1000000 is too large")
+
+
+def test_a_jpeg_of_more_scans_than_any_progressive_jpeg_is_refused_before_decoding(tmp_path):
+    """Each scan is a pass over the whole image: 10,000 scans in 1 MB kept a core busy for 100 s."""
+    from cvt_core.image_processing import MAX_JPEG_SCANS
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG", progressive=True)
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(buffer.getvalue() + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" * (MAX_JPEG_SCANS + 1))
+    with pytest.raises(ImageTooLargeError, match=f"scans.jpg: a JPEG of more than {MAX_JPEG_SCANS} scans"):
+        read_image_file(path)
+    plain = tmp_path / "progressive.jpg"
+    plain.write_bytes(buffer.getvalue())
+    assert read_image_file(plain).size == (16, 16)
+
+
+def test_a_float_image_holding_nan_is_refused_in_one_line_without_numpy_warnings(tmp_path):
+    path = tmp_path / "nan.pfm"
+    path.write_bytes(b"Pf\n1 1\n-1.0\n" + np.array([np.nan], "<f4").tobytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageLoadError, match="nan"):
+            read_image_file(path)

@@ -349,3 +349,42 @@ def test_budget_refusal_names_the_figure_and_the_limit(overrides, figure):
     message = str(caught.value)
     assert figure in message and "at most 2,000,000,000 are accepted" in message and "\n" not in message
     assert isinstance(caught.value, ValueError)
+
+
+def test_a_config_of_more_blocks_than_any_cvt_is_refused_before_a_block_is_built():
+    """Building a block costs about a second and 10 MB in Keras whatever its width: 256 blocks of width 8 (a
+    2.6 MB checkpoint) took 284 s and 3.3 GB."""
+    with pytest.raises(ModelTooLargeError) as caught:
+        CvtConfig(embed_dim=[8, 8, 8], num_heads=[1, 1, 1], depth=[1, 1, 256], image_size=32)
+    assert "258 transformer blocks" in str(caught.value) and "at most 128" in str(caught.value)
+    CvtConfig(embed_dim=[8, 8, 8], num_heads=[1, 1, 1], depth=[1, 1, 126], image_size=32)
+
+
+STRIDE_ONE = dict(embed_dim=[8], num_heads=[1], depth=[1], patch_sizes=[3], patch_stride=[1], patch_padding=[1],
+                  mlp_ratio=[2.0], attention_drop_rate=[0.0], drop_rate=[0.0], drop_path_rate=[0.0], qkv_bias=[True],
+                  cls_token=[False], qkv_projection_method=["dw_bn"], kernel_qkv=[3], padding_kv=[1], stride_kv=[1],
+                  padding_q=[1], stride_q=[1], image_size=32)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_an_input_larger_than_the_config_image_size_is_held_to_the_same_activation_bound(framework):
+    """A preprocessing config may resize to 8192 while config.json says 32: the models check every input's size
+    against the bound before computing (the attention of a 256x256 input here would be 65536 x 65536)."""
+    import numpy as np
+
+    config = CvtConfig(**STRIDE_ONE)
+    x = np.zeros((1, 3, 256, 256), np.float32)
+    if framework == "torch":
+        import torch
+
+        from cvt_torch import CvtModel
+
+        with pytest.raises(ModelTooLargeError) as caught, torch.no_grad():
+            CvtModel(config).eval()(torch.from_numpy(x))
+    else:
+        from cvt_tf import TFCvtModel
+
+        with pytest.raises(ValueError) as caught:  # Keras wraps the one line in its own call report
+            TFCvtModel(config)(x.transpose(0, 2, 3, 1))
+    message = str(caught.value)
+    assert "pixel_values of 256x256: one image would need" in message and "65,536x65,536" in message
