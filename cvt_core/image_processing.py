@@ -630,8 +630,8 @@ def read_image_file(path: Union[str, os.PathLike], where: str = "") -> "Image.Im
             raise ImageTooLargeError(f"{what}: the image declares {declared}; at most {Limits.IMAGE_PIXELS:,} pixels "
                                      f"and {Limits.IMAGE_SIDE:,} a side are read") from None
         except UnidentifiedImageError:
-            raise ImageLoadError(f"{what}: not an image in a format read here ({', '.join(READ_FORMATS)}); convert "
-                                 f"it to PNG or JPEG") from None
+            raise ImageLoadError(f"{what}: cannot read this file as an image: not in a format read here "
+                                 f"({', '.join(READ_FORMATS)}); convert it to PNG or JPEG") from None
         except _DECODE_ERRORS as exc:
             raise ImageLoadError(f"{what}: cannot read this file as an image ({_error_text(exc)})") from None
         with opened:
@@ -705,7 +705,7 @@ def _to_8bit(image: "Image.Image", where: str) -> "Image.Image":
     """High-bit-depth grey PIL images -> mode "L", scaled to 0..255, so that ``convert("RGB")`` (which clips every
     value above 255 to white) sees 8-bit values. Rounds to the nearest level; other modes are returned as they are.
 
-    - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (16-bit PNG, TIFF, ...): ``round(v * 255 / 65535)``, i.e. v / 257.
+    - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (16-bit PNG, ...): ``round(v * 255 / 65535)``, i.e. v / 257.
     - ``I`` (32-bit integer; 16-bit PGM/PPM open so): values within 0..255 are already 8-bit and kept; else values
       within 0..65535 are taken as 16-bit and scaled as above.
     - ``F`` (32-bit float): values within 0..1 are scaled by 255; else within 0..255 kept; else within 0..65535

@@ -173,7 +173,7 @@ def test_truncated_and_corrupted_files_are_one_image_load_error_line(tmp_path, f
 def test_postscript_is_not_rendered(tmp_path):
     path = tmp_path / "page.eps"
     path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
-    with pytest.raises(ImageLoadError, match=r"page\.eps: not an image in a format read here \(PNG, JPEG"):
+    with pytest.raises(ImageLoadError, match=r"page\.eps: cannot read this file as an image: not in a format read here \(PNG, JPEG"):
         read_image_file(path)
 
 
@@ -190,7 +190,7 @@ def test_an_icon_container_declaring_16x16_around_a_huge_png_is_not_decoded(tmp_
         warnings.simplefilter("error")  # not even a Pillow warning: the command line prints exactly one line
         with pytest.raises(ImageLoadError) as caught:
             read_image_file(path)
-    assert "icon.ico: not an image in a format read here" in str(caught.value) and "\n" not in str(caught.value)
+    assert "icon.ico: cannot read this file as an image: not in a format read here" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_tiff_whose_one_tile_is_far_larger_than_its_8x8_image_is_not_decoded(tmp_path):
@@ -200,7 +200,7 @@ def test_a_tiff_whose_one_tile_is_far_larger_than_its_8x8_image_is_not_decoded(t
     path = tmp_path / "tile.tif"
     info = TiffImagePlugin.ImageFileDirectory_v2()
     Image.new("RGB", (8, 8)).save(path, "TIFF", tiffinfo=info)
-    with pytest.raises(ImageLoadError, match="tile.tif: not an image in a format read here"):
+    with pytest.raises(ImageLoadError, match="tile.tif: cannot read this file as an image: not in a format read here"):
         read_image_file(path)
 
 
@@ -227,7 +227,7 @@ def test_formats_outside_the_allow_list_are_refused_in_one_line(tmp_path, fmt):
         Image.new("RGB", (16, 16)).save(path, fmt)
     except (OSError, KeyError, ValueError):
         pytest.skip(f"this Pillow cannot write {fmt}")
-    with pytest.raises(ImageLoadError, match="not an image in a format read here"):
+    with pytest.raises(ImageLoadError, match="not in a format read here"):
         read_image_file(path)
 
 
