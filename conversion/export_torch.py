@@ -2,10 +2,10 @@
 (`torch.export`), written from our `CvtForImageClassification` and run back in ONNX Runtime and `torch.export.load`.
 
 Both hold `LogitsModule`: `pixel_values` (N, C, H, W) float32 in, `logits` (N, num_labels) float32 out, with the
-batch, height and width dynamic. The eval-mode model already folds each BatchNorm into its depthwise kernel and
-drops dropout, and under export `cvt_torch.kernels` takes the public ops only, so the graphs hold no BatchNorm, no
-dropout and no private kernel. Both are traced without autograd, as inference runs: the classifier then computes
-its last block for the cls token only (the logits are the same; see CvtForImageClassification.forward).
+batch, height and width dynamic. The classifier inside is `cvt_torch.optimize.optimize_for_inference`'s copy of the
+model: each BatchNorm folded into its depthwise convolution, dropout off, the last block computed for the cls token
+only (the logits are the model's to float32 rounding), and under export its kernels take the public ops only, so
+the graphs hold no BatchNorm, no dropout and no private kernel. Both are traced without autograd.
 
 Tracing sees only sizes other than 1 (torch.export assumes a dynamic size is not 1 and guards on the sizes it
 derives), so the example input is the checked size grown until every token grid is at least 2 x 2: traced on a
@@ -55,14 +55,12 @@ class LogitsModule(torch.nn.Module):
 
 
 def logits_module(classifier: torch.nn.Module, dtype: str) -> LogitsModule:
-    """The served module in eval mode; for another dtype than float32 a converted copy (the source stays float32,
-    it is the reference)."""
-    torch_dtype = TORCH_DTYPES[dtype]
-    if torch_dtype != torch.float32:
-        import copy
+    """The served module in eval mode around the classifier's optimised copy (`optimize_for_inference`) in `dtype`;
+    the source is left as it is, the reference."""
+    from cvt_torch.optimize import optimize_for_inference
 
-        classifier = copy.deepcopy(classifier).to(torch_dtype)
-    return LogitsModule(classifier, torch_dtype).eval()
+    torch_dtype = TORCH_DTYPES[dtype]
+    return LogitsModule(optimize_for_inference(classifier).to(torch_dtype), torch_dtype).eval()
 
 
 def tracing_size(config: CvtConfig, height: int, width: int) -> Tuple[int, int]:

@@ -191,9 +191,10 @@ def predict(args, echo: Callable[[str], None] = print, show: bool = True) -> Lis
     except ValueError as exc:  # ImageLoadError (unreadable, not a regular file, too large), a URL: names the file
         raise ConversionError(None, one_line(str(exc))) from None
     if framework == "torch":
+        from cvt_torch.optimize import optimize_for_inference
         from cvt_torch.training import predict_logits as torch_logits
 
-        logits = torch_logits(model, pixels)
+        logits = torch_logits(optimize_for_inference(model), pixels)
     else:
         from cvt_tf.training import predict_logits as keras_logits
 

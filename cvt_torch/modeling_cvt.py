@@ -1,7 +1,8 @@
 """PyTorch implementation of CvT (Convolutional vision Transformer, arXiv 2103.15808).
 
 One file holds the whole network: the convolutional token embedding, the attention with convolutional q/k/v
-projections, the transformer block, the stages, the bare backbone `CvtModel` and `CvtForImageClassification`.
+projections, the transformer block, the stages, the bare backbone `CvtModel`, `CvtBackbone` and
+`CvtForImageClassification`.
 
 The module tree mirrors transformers' so `state_dict()` keys and shapes are exactly
 `cvt_core.weights.weight_table(config, with_head)`: transformers checkpoints load unchanged and ours load in
@@ -10,32 +11,22 @@ transformers departs from the original microsoft/CvT code are fixed here: per-la
 drop path on the residual branch only, any depth per stage, a cls token on any stage sized by that stage, the
 "avg" projection, a classifier without a final cls token.
 
-Speed. Every module has one `forward`, the same in every mode; the speed comes from inside it, with the kernel
-choices in `cvt_torch.kernels` (each made from the op's own inputs, public ops only under tracing, scripting,
-torch.compile and torch.export), all within float32 rounding of the plain ops (tests hold it to 1e-5):
-- every float32 Linear (`CvtLinear`, an nn.Linear with the same parameters) runs its matmuls, forward and backward,
-  on oneDNN on CPU, about twice MKL's sgemm rate on AVX-512 AMD CPUs; without autograd in bfloat16 too;
-- a BatchNorm that is not training is folded into its depthwise kernel (recomputed on each call, never stale);
-- without autograd on CPU the token grids stay channels-last (no transposes copied) and attention over many keys
-  runs as blocked oneDNN matmuls;
-- the first MLP layer and its exact GELU run as one oneDNN matmul with the GELU in its epilogue (without autograd;
-  not when either module is replaced, patched or hooked);
-- the classifier outside training computes its last block for the cls token only (`cls_only`; the logits are
-  bit for bit those of the full block).
-Hooks, replaced modules and patched forwards run where they are, on that one path. Two modules do not run as
-modules of their own there: a BatchNorm folded into its depthwise kernel, and the GELU and Linear of the MLP while
-no hook is registered on them (module-global hooks, `register_module_forward_hook`, do not see those two calls).
+The model is built from PyTorch's standard modules (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.GELU,
+nn.Dropout) computed with public ops, and every module computes the same thing, with the same outputs, in every
+grad mode and under tracing, so PyTorch's tools (quantisation, PEFT, hooks, torch.fx, torch.export) see the model
+as it runs. The deploy-only faster copy is `cvt_torch.optimize.optimize_for_inference(model)`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
 from cvt_core.hub import split_hub_options
@@ -46,7 +37,8 @@ from cvt_core.shapes import attention_projection, check_pixel_values_shape
 from cvt_core.training import announce_inferred_problem_type
 from cvt_core.weights import check_weight_value
 
-from . import kernels
+from .losses import classification_loss
+from .outputs import option, returned
 from .numpy_bridge import model_with_weights, tensor_to_numpy
 
 
@@ -54,79 +46,9 @@ from .numpy_bridge import model_with_weights, tensor_to_numpy
 LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1
-# F.cross_entropy's default ignore_index: a label that adds nothing to the loss (transformers' padding convention)
-IGNORE_INDEX = -100
-
-
-def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
-    """Raise `ValueError` unless every label is a class index in [0, num_labels) or `IGNORE_INDEX`, instead of an
-    IndexError on CPU. One reduction; skipped while tracing, scripting, compiling or exporting, where the values are
-    not known. On an accelerator the check is queued with the kernels (no host sync per step), so a bad label
-    surfaces as a device-side assert carrying the same message."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or labels.numel() == 0:
-        return
-    invalid = ((labels < 0) | (labels >= num_labels)) & (labels != IGNORE_INDEX)
-    if labels.device.type != "cpu":
-        torch._assert_async(~invalid.any(), f"labels must be class indices in [0, num_labels={num_labels})")
-        return
-    if bool(invalid.any()):
-        bad = labels[invalid][0].item()
-        raise ValueError(f"labels must be class indices in [0, num_labels={num_labels}); got {bad}")
-
-
-def _weighted_mean(per_sample: torch.Tensor, sample_weight, counted: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum(w * loss) / n in float32, n being the number of samples that are `counted` (all by default): Keras'
-    `sum_over_batch_size` rule for its compiled losses, which the Keras model's own loss follows too; 0 when n is 0.
-    In the dtype of `per_sample`."""
-    weights = torch.as_tensor(sample_weight, device=per_sample.device).reshape(-1).to(torch.float32)
-    if weights.numel() != per_sample.numel():
-        raise ValueError(f"sample_weight must hold one weight per sample: got {weights.numel()} weights for "
-                         f"{per_sample.numel()} samples")
-    count = torch.tensor(float(per_sample.numel()), device=per_sample.device)
-    if counted is not None:
-        weights = weights * counted.to(torch.float32)
-        count = counted.to(torch.float32).sum()
-    total = (per_sample.to(torch.float32) * weights).sum()
-    has_samples = count != 0
-    loss = torch.where(has_samples, total / torch.where(has_samples, count, 1.0), 0.0)
-    return loss.to(per_sample.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
-class _NotesHooks:
-    """For the two modules that `CvtIntermediate` may compute as one kernel: a forward hook or forward pre-hook
-    registered on the module marks it `observed`, and `CvtIntermediate` then runs it as a module of its own (the mark
-    stays when the hook is removed; the two modules then simply run one after the other)."""
-
-    observed = False
-
-    def register_forward_hook(self, *args, **kwargs):
-        self.observed = True
-        return super().register_forward_hook(*args, **kwargs)
-
-    def register_forward_pre_hook(self, *args, **kwargs):
-        self.observed = True
-        return super().register_forward_pre_hook(*args, **kwargs)
-
-
-def _runs_as_defined(module: nn.Module, cls: type) -> bool:
-    """Whether calling `module` would just run `cls.forward`: exactly that class, no hook registered on it, no
-    forward patched onto the instance."""
-    return type(module) is cls and not module.observed and "forward" not in vars(module)
-
-
-class CvtLinear(_NotesHooks, nn.Linear):
-    """nn.Linear (same parameters and names) computed by `kernels.linear`: oneDNN matmuls on CPU where they serve."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
-
-
-class CvtGELU(_NotesHooks, nn.GELU):
-    """nn.GELU, the exact (erf) one by default, as transformers computes; `CvtIntermediate` may fold it into the
-    matmul before it."""
-
-
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the released CvT weights were trained with."""
 
@@ -136,7 +58,7 @@ class QuickGELU(nn.Module):
 
 def make_activation(name: str) -> nn.Module:
     if name == "gelu":
-        return CvtGELU()  # exact erf GELU, as transformers computes
+        return nn.GELU()  # exact erf GELU, as transformers computes
     if name == "quick_gelu":
         return QuickGELU()
     raise ValueError(f"hidden_act={name!r} is unknown; choose 'gelu' or 'quick_gelu'")
@@ -167,16 +89,24 @@ class CvtDropPath(nn.Module):
         return f"drop_prob={self.drop_prob:g}"
 
 
-def _tokens_to_grid(tokens: torch.Tensor, height: int, width: int, channels_last: bool = False) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W): a channels-last view of the tokens, or a contiguous NCHW copy."""
-    if channels_last:
-        return tokens.transpose(1, 2).unflatten(2, (height, width))
+def tokens_to_grid(tokens: torch.Tensor, height, width) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W), contiguous."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
-def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); a view without copy for a channels-last grid."""
+def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
     return grid.flatten(2).transpose(1, 2)
+
+
+def split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, C) -> (B, heads, T, C / heads)."""
+    return tokens.unflatten(2, (num_heads, tokens.shape[2] // num_heads)).transpose(1, 2)
+
+
+def merge_heads(heads: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, d) -> (B, T, heads * d)."""
+    return heads.transpose(1, 2).flatten(2)
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -190,10 +120,11 @@ class CvtConvEmbeddings(nn.Module):
                                     stride=config.patch_stride[stage], padding=config.patch_padding[stage])
         self.normalization = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    def forward(self, pixel_values: torch.Tensor):
+        """Returns (tokens (B, H'*W', C), H', W')."""
         grid = self.projection(pixel_values)
-        height, width = grid.shape[-2:]
-        return self.normalization(_grid_to_tokens(grid)), height, width
+        height, width = grid.shape[2], grid.shape[3]
+        return self.normalization(grid_to_tokens(grid)), height, width
 
 
 class CvtEmbeddings(nn.Module):
@@ -213,10 +144,7 @@ class CvtEmbeddings(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- attention
 class CvtSelfAttentionConvProjection(nn.Module):
-    """Depthwise convolution (no bias) then BatchNorm: the "dw_bn" projection of the released weights.
-
-    While the BatchNorm is not training it is folded into the depthwise kernel (one convolution; the BatchNorm
-    module itself, and hooks on it or on the convolution, then do not run)."""
+    """Depthwise convolution (no bias) then BatchNorm: the "dw_bn" projection of the released weights."""
 
     def __init__(self, config: CvtConfig, stage: int, role: str):
         super().__init__()
@@ -228,24 +156,7 @@ class CvtSelfAttentionConvProjection(nn.Module):
         self.normalization = nn.BatchNorm2d(embed_dim, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        norm = self.normalization
-        if norm.training or getattr(norm, "running_var", None) is None:  # batch statistics
-            return norm(self.convolution(grid))
-        weight, bias = self.folded_weight_and_bias()
-        conv = self.convolution
-        return F.conv2d(grid, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def folded_weight_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode BatchNorm folded into the depthwise kernel: conv(x, w * s) + (beta - mean * s) with
-        s = gamma / sqrt(running_var + eps). Recomputed on every call (a few small ops), so it never goes stale."""
-        bn, weight = self.normalization, self.convolution.weight
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = -bn.running_mean.float() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.float()
-        return (weight.float() * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
+        return self.normalization(self.convolution(grid))
 
 
 class CvtSelfAttentionProjection(nn.Module):
@@ -270,7 +181,7 @@ class CvtSelfAttentionProjection(nn.Module):
                              f"'linear'")
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return _grid_to_tokens(self.convolution_projection(grid))
+        return grid_to_tokens(self.convolution_projection(grid))
 
 
 class CvtSelfAttention(nn.Module):
@@ -293,46 +204,32 @@ class CvtSelfAttention(nn.Module):
         self.convolution_projection_key = CvtSelfAttentionProjection(config, stage, "key")
         self.convolution_projection_value = CvtSelfAttentionProjection(config, stage, "value")
         bias = bool(config.qkv_bias[stage])
-        self.projection_query = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
-        self.projection_key = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
-        self.projection_value = CvtLinear(self.embed_dim, self.embed_dim, bias=bias)
+        self.projection_query = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.projection_key = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
+        self.projection_value = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
         self.dropout = nn.Dropout(config.attention_drop_rate[stage])
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
-                cls_only: bool = False):
-        """Returns (context (B, T_q, C), attention probabilities or None). `cls_only` (stages with a cls token):
-        only the cls token queries, T_q = 1; the keys and values still come from every token."""
-        if cls_only and not self.with_cls_token:
-            raise ValueError("cls_only=True needs a stage with a cls token")
+    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
+        """Returns (context (B, T, C), attention probabilities (B, heads, T, T_kv) or None)."""
         if self.with_cls_token:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        spatial = [p for m in (self.convolution_projection_query, self.convolution_projection_key,
-                               self.convolution_projection_value) for p in m.parameters()]
-        channels_last = kernels.channels_last(tokens, *spatial)
-        grid = _tokens_to_grid(tokens, height, width, channels_last)
-        if channels_last and not grid.is_contiguous(memory_format=torch.channels_last):
-            grid = grid.contiguous(memory_format=torch.channels_last)  # once for the three convolutions
-        query = cls_token if cls_only else self.convolution_projection_query(grid)
+        grid = tokens_to_grid(tokens, height, width)
+        query = self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
         value = self.convolution_projection_value(grid)
         if self.with_cls_token:
-            if not cls_only:
-                query = torch.cat((cls_token, query), dim=1)
-            key = torch.cat((cls_token, key), dim=1)
-            value = torch.cat((cls_token, value), dim=1)
-        query = self.projection_query(query)
-        key = self.projection_key(key)
-        value = self.projection_value(value)
-
+            query, key, value = (torch.cat((cls_token, t), dim=1) for t in (query, key, value))
+        query, key, value = (split_heads(projection(t), self.num_heads) for projection, t in
+                             ((self.projection_query, query), (self.projection_key, key),
+                              (self.projection_value, value)))
         if output_attentions:
-            # Explicit path; the returned probabilities are those before attention dropout (as transformers' models
-            # return them), the context uses the dropped ones.
-            query, key, value = (kernels.split_heads(t, self.num_heads) for t in (query, key, value))
+            # The returned probabilities are those before attention dropout (as transformers' models return them);
+            # the context uses the dropped ones.
             probs = torch.softmax(torch.matmul(query, key.transpose(-2, -1)) * self.scale, dim=-1)
-            return kernels.merge_heads(torch.matmul(self.dropout(probs), value)), probs
-        context = kernels.attention(query, key, value, self.num_heads, self.scale,
-                                    dropout_p=self.dropout.p if self.training else 0.0)
-        return context, None
+            return merge_heads(torch.matmul(self.dropout(probs), value)), probs
+        dropout_p = self.dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=self.scale)
+        return merge_heads(context), None
 
 
 class CvtSelfOutput(nn.Module):
@@ -340,7 +237,7 @@ class CvtSelfOutput(nn.Module):
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
-        self.dense = CvtLinear(config.embed_dim[stage], config.embed_dim[stage])
+        self.dense = nn.Linear(config.embed_dim[stage], config.embed_dim[stage])
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -353,34 +250,23 @@ class CvtAttention(nn.Module):
         self.attention = CvtSelfAttention(config, stage)
         self.output = CvtSelfOutput(config, stage)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
-                cls_only: bool = False):
-        context, probs = self.attention(tokens, height, width, output_attentions, cls_only)
+    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
+        context, probs = self.attention(tokens, height, width, output_attentions)
         return self.output(context), probs
 
 
 # ---------------------------------------------------------------------------------------------- MLP and block
 class CvtIntermediate(nn.Module):
-    """First MLP layer, activation, and the original's dropout after the activation.
-
-    With the exact GELU and without autograd, where oneDNN serves, the layer and its GELU run as one matmul with the
-    GELU in its epilogue (a pass over the MLP's widest tensor saved), unless either module is replaced, has a forward
-    patched onto it or has a hook registered on it: those run as modules of their own."""
+    """First MLP layer, activation, and the original's dropout after the activation."""
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
-        self.dense = CvtLinear(config.embed_dim[stage], config.mlp_hidden_dim(stage))
+        self.dense = nn.Linear(config.embed_dim[stage], config.mlp_hidden_dim(stage))
         self.activation = make_activation(config.hidden_act)
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dense, activation = self.dense, self.activation
-        if (_runs_as_defined(dense, CvtLinear) and _runs_as_defined(activation, CvtGELU)
-                and activation.approximate == "none"):
-            activated = kernels.linear_gelu(hidden, dense.weight, dense.bias)
-            if activated is not None:
-                return self.dropout(activated)
-        return self.dropout(activation(dense(hidden)))
+        return self.dropout(self.activation(self.dense(hidden)))
 
 
 class CvtOutput(nn.Module):
@@ -388,7 +274,7 @@ class CvtOutput(nn.Module):
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
-        self.dense = CvtLinear(config.mlp_hidden_dim(stage), config.embed_dim[stage])
+        self.dense = nn.Linear(config.mlp_hidden_dim(stage), config.embed_dim[stage])
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -408,23 +294,20 @@ class CvtLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, output_attentions: bool = False,
-                cls_only: bool = False):
-        """Returns (tokens, attention probabilities or None). With `cls_only` (stages with a cls token) the block
-        is computed for the cls token alone and returns it, (B, 1, C)."""
-        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions,
-                                                 cls_only)
-        if cls_only:
-            tokens = tokens[:, :1]
+    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
+        """Returns (tokens, attention probabilities or None)."""
+        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions)
         tokens = tokens + self.drop_path(attention_output)
         mlp_output = self.output(self.intermediate(self.layernorm_after(tokens)))
-        tokens = tokens + self.drop_path(mlp_output)
-        return tokens, probs
+        return tokens + self.drop_path(mlp_output), probs
 
 
 # ---------------------------------------------------------------------------------------------- stages
 class CvtStage(nn.Module):
-    """Token embedding, optional cls token, and `depth[stage]` blocks with a per-layer drop-path schedule."""
+    """Token embedding, optional cls token, and `depth[stage]` blocks with a per-layer drop-path schedule.
+
+    With gradient checkpointing on (`CvtPreTrainedModel.gradient_checkpointing_enable`) each block runs under
+    `torch.utils.checkpoint` while training: its activations are recomputed in the backward pass instead of kept."""
 
     def __init__(self, config: CvtConfig, stage: int):
         super().__init__()
@@ -435,31 +318,26 @@ class CvtStage(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim[stage]))
         self.embedding = CvtEmbeddings(config, stage)
         self.layers = nn.ModuleList(CvtLayer(config, stage, index) for index in range(config.depth[stage]))
+        self.gradient_checkpointing = False
+        self.checkpoint_options = {"use_reentrant": False}
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, cls_only: bool = False,
-                with_grid: bool = True):
-        """Returns (grid (B, C, H', W') or None, cls token (B, 1, C) or None, attention probabilities per layer).
-
-        `cls_only` (ignored without a cls token or with `output_attentions`): the returned cls token comes from
-        the last block run for the cls token alone; `with_grid=False` then skips the rest of that block (grid
-        None), `with_grid=True` runs it in full for the grid too. Either way the cls token is the same, bit for bit.
-        """
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """Returns (grid (B, C, H', W'), cls token (B, 1, C) or None, attention probabilities per layer)."""
         tokens, height, width = self.embedding(pixel_values, self.cls_token if self.with_cls_token else None)
         attentions: List[torch.Tensor] = []
-        split_last = cls_only and self.with_cls_token and not output_attentions and len(self.layers) > 0
-        last = len(self.layers) - 1
-        cls_token = None
-        for i, layer in enumerate(self.layers):
-            if split_last and i == last:
-                cls_token = layer(tokens, height, width, cls_only=True)[0]
-                if not with_grid:
-                    return None, cls_token, attentions
-            tokens, probs = layer(tokens, height, width, output_attentions)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if checkpointed:
+                tokens, probs = checkpoint(layer, tokens, height, width, output_attentions,
+                                           **self.checkpoint_options)
+            else:
+                tokens, probs = layer(tokens, height, width, output_attentions)
             if output_attentions:
                 attentions.append(probs)
+        cls_token = None
         if self.with_cls_token:
-            cls_token, tokens = (tokens[:, :1] if cls_token is None else cls_token), tokens[:, 1:]
-        return _tokens_to_grid(tokens, height, width, kernels.channels_last(tokens)), cls_token, attentions
+            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        return tokens_to_grid(tokens, height, width), cls_token, attentions
 
 
 class CvtEncoder(nn.Module):
@@ -467,24 +345,13 @@ class CvtEncoder(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(CvtStage(config, s) for s in range(config.num_stages))
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False,
-                cls_only: bool = False):
-        """`cls_only`: the caller reads only the final cls token (and any hidden states). The last block of a final
-        stage with a cls token then runs for that token alone and `last_hidden_state` is None, unless hidden states
-        are asked for (the block then also runs in full; the cls token is the same either way). Ignored with
-        `output_attentions` and when the last stage has no cls token."""
-        first = self.stages[0].embedding.convolution_embeddings.projection.weight
-        hidden = pixel_values
-        if kernels.channels_last(pixel_values, first):  # the inference kernels' layout, kept through the stages
-            hidden = pixel_values.contiguous(memory_format=torch.channels_last)
-        cls_token = None
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> CvtModelOutput:
+        hidden, cls_token = pixel_values, None
         all_hidden_states = [] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        last = len(self.stages) - 1
-        for i, stage in enumerate(self.stages):
-            final_cls_only = cls_only and i == last
-            hidden, cls_token, attentions = stage(hidden, output_attentions, cls_only=final_cls_only,
-                                                  with_grid=output_hidden_states or not final_cls_only)
+        for stage in self.stages:
+            hidden, cls_token, attentions = stage(hidden, output_attentions)
             if output_hidden_states:
                 all_hidden_states.append(hidden)
             if output_attentions:
@@ -495,39 +362,6 @@ class CvtEncoder(nn.Module):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
-
-
-# ---------------------------------------------------------------------------------------------- outputs
-def _register_outputs_as_pytrees() -> None:
-    """Make the output containers pytree nodes (their set fields are the children), so torch.export and
-    torch.compile's graph outputs can hold them: `torch.export.export(model, (pixel_values,))` works as called."""
-    from torch.utils import _pytree
-
-    for output_type in (CvtModelOutput, CvtImageClassifierOutput, CvtBackboneOutput):
-        def flatten(output):
-            keys = tuple(output.keys())
-            return [output[k] for k in keys], keys
-
-        def unflatten(children, keys, output_type=output_type):
-            return output_type(**dict(zip(keys, children)))
-
-        try:
-            _pytree.register_pytree_node(output_type, flatten, unflatten,
-                                         serialized_type_name=f"{output_type.__module__}.{output_type.__name__}")
-        except ValueError:
-            pass  # already registered (module re-imported)
-
-
-_register_outputs_as_pytrees()
-
-
-def _returned(outputs, return_dict: bool):
-    """What a model's forward returns: the output container, or its tuple with `return_dict=False`. Under
-    torch.jit.trace the container is returned as a plain dict of its set fields: the tracer records only tensors,
-    tuples, lists and plain dicts."""
-    if not return_dict:
-        return outputs.to_tuple()
-    return dict(outputs) if torch.jit.is_tracing() else outputs
 
 
 # ---------------------------------------------------------------------------------------------- base class
@@ -571,6 +405,8 @@ class CvtPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ input checks
     def _check_pixel_values(self, pixel_values) -> None:
+        if isinstance(pixel_values, torch.fx.Proxy):
+            return  # torch.fx.symbolic_trace: no values, dtype or shape to check
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(
                 f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; convert it with "
@@ -588,8 +424,10 @@ class CvtPreTrainedModel(nn.Module):
         check_pixel_values_shape(self.config, tuple(int(d) for d in pixel_values.shape))
 
     def _cast_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if isinstance(pixel_values, torch.fx.Proxy):
+            return pixel_values  # torch.fx.symbolic_trace: the dtype is not known
         weight = self.encoder.stages[0].embedding.convolution_embeddings.projection.weight
-        if pixel_values.dtype != weight.dtype and kernels.autocast_dtype(pixel_values.device.type) is None:
+        if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
             return pixel_values.to(weight.dtype)
         return pixel_values
 
@@ -646,6 +484,32 @@ class CvtPreTrainedModel(nn.Module):
         return save_pretrained_folder(directory, self.config, self.with_head, self.architecture,
                                       {name: tensor_to_numpy(t) for name, t in self.state_dict().items()},
                                       self.image_processor, push_to_hub, repo_id, **push_options)
+
+    # ------------------------------------------------------------------ activation checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """transformers' name: while training, run each transformer block under `torch.utils.checkpoint.checkpoint`
+        (`use_reentrant=False` unless `gradient_checkpointing_kwargs` says otherwise), so its activations are
+        recomputed in the backward pass instead of kept: less memory for about one more forward pass of time."""
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if isinstance(module, CvtStage):
+                module.gradient_checkpointing, module.checkpoint_options = True, options
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, CvtStage):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's name for `gradient_checkpointing_enable()` / `gradient_checkpointing_disable()`."""
+        if enable:
+            self.gradient_checkpointing_enable()
+        else:
+            self.gradient_checkpointing_disable()
 
     # ------------------------------------------------------------------ timm's feature API
     @property
@@ -709,26 +573,22 @@ class CvtModel(CvtPreTrainedModel):
         self.init_weights()
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
-                output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None,
-                cls_only: bool = False):
+                output_attentions: Optional[bool] = None, return_dict: Optional[bool] = None):
         """`pixel_values` (B, C, H, W) float. Returns `CvtModelOutput` (or its tuple with `return_dict=False`):
         last_hidden_state (B, C_last, H', W'), cls_token_value (B, 1, C_last) or None, hidden_states (one NCHW
         tensor per stage), attentions (one (B, heads, query_tokens, key_tokens) tensor per layer).
 
-        `cls_only=True` says only the final cls token (and any hidden states) will be read, as a classifier does:
-        the last block then computes just that token and `last_hidden_state` is None unless hidden states are
-        asked for (see `CvtEncoder.forward`). Float input of another dtype than the model's (float32 pixels into a
-        bfloat16 model) is cast to the model's dtype, except under autocast."""
+        Float input of another dtype than the model's (float32 pixels into a bfloat16 model) is cast to the
+        model's dtype, except under autocast."""
         config = self.config
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        return_dict = config.use_return_dict if return_dict is None else return_dict
+        output_hidden_states = option(output_hidden_states, config.output_hidden_states)
+        output_attentions = option(output_attentions, config.output_attentions)
+        return_dict = option(return_dict, config.use_return_dict)
         self._check_pixel_values(pixel_values)
         pixel_values = self._cast_pixel_values(pixel_values)
         outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states,
-                               output_attentions=output_attentions,
-                               cls_only=cls_only)
-        return _returned(outputs, return_dict)
+                               output_attentions=output_attentions)
+        return returned(outputs, return_dict)
 
 
 class CvtBackbone(CvtModel):
@@ -765,15 +625,15 @@ class CvtBackbone(CvtModel):
         """Returns `CvtBackboneOutput` (or its tuple with `return_dict=False`): `feature_maps`, one contiguous
         (B, C_s, H_s, W_s) tensor per chosen stage; `hidden_states` (every stage) and `attentions` when asked."""
         config = self.config
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.use_return_dict if return_dict is None else return_dict
+        output_hidden_states = option(output_hidden_states, config.output_hidden_states)
+        return_dict = option(return_dict, config.use_return_dict)
         outputs = super().forward(pixel_values, output_hidden_states=True, output_attentions=output_attentions,
                                   return_dict=True)
         maps = (pixel_values,) + tuple(outputs["hidden_states"])
         result = CvtBackboneOutput(feature_maps=tuple(maps[i].contiguous() for i in self.out_indices),
                                    hidden_states=outputs["hidden_states"] if output_hidden_states else None,
                                    attentions=outputs.get("attentions"))
-        return _returned(result, return_dict)
+        return returned(result, return_dict)
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
@@ -790,7 +650,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
         super().__init__(config)
         self.cvt = CvtModel(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
-        self.classifier = CvtLinear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         with torch.no_grad():  # the backbone initialised itself; only the head is new
             self.layernorm.apply(self._init_weights)
             self.classifier.apply(self._init_weights)
@@ -802,12 +662,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised final tokens: (B, 1, C_last) with a final cls token, else (B, H'*W', C_last)."""
         return self._normalised_tokens(self.cvt(pixel_values, output_hidden_states=False, output_attentions=False,
-                                                return_dict=True, cls_only=self._inference()))
-
-    def _inference(self) -> bool:
-        if torch.jit.is_tracing():  # one graph whatever the grad mode: torch.jit.trace's check reruns under no_grad
-            return not self.training
-        return not (self.training or torch.is_grad_enabled())
+                                                return_dict=True))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean over the tokens of `forward_features`' output, then the classifier (skipped with `pre_logits`)."""
@@ -818,24 +673,21 @@ class CvtForImageClassification(CvtPreTrainedModel):
         # key access: under torch.jit.trace `self.cvt` returns a plain dict of the set fields (see _returned)
         if outputs.get("cls_token_value") is not None:
             return self.layernorm(outputs["cls_token_value"])
-        return self.layernorm(_grid_to_tokens(outputs["last_hidden_state"]))
+        return self.layernorm(grid_to_tokens(outputs["last_hidden_state"]))
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 output_hidden_states: Optional[bool] = None, output_attentions: Optional[bool] = None,
                 return_dict: Optional[bool] = None):
         """Returns `CvtImageClassifierOutput` (loss when `labels` are given, logits (B, num_labels), hidden_states,
         attentions) or its tuple with `return_dict=False`."""
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
-        # Only the final cls token reaches the logits, so in inference the rest of the last block is skipped (the
-        # logits are bit for bit the same with hidden states). Training and autograd run the full block: the
-        # dropout draws stay those of the whole computation and every parameter gets its gradient (zero or not).
+        return_dict, labels = option(return_dict, self.config.use_return_dict), option(labels, None)
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
-                           output_attentions=output_attentions, return_dict=True, cls_only=self._inference())
+                           output_attentions=output_attentions, return_dict=True)
         logits = self.forward_head(self._normalised_tokens(outputs))
         loss = self.compute_classification_loss(labels, logits) if labels is not None else None
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"),
                                           attentions=outputs.get("attentions"))
-        return _returned(result, return_dict)
+        return returned(result, return_dict)
 
     def problem_type_for(self, labels: torch.Tensor) -> str:
         """`config.problem_type`, or else transformers' inference for this call only (the config is not changed):
@@ -862,28 +714,5 @@ class CvtForImageClassification(CvtPreTrainedModel):
         num_labels = self.config.num_labels
         if num_labels == 0:
             raise ValueError("this model has num_labels=0 (no classifier), so it cannot compute a loss from labels")
-        problem_type = self.problem_type_for(labels)
-        if problem_type == "regression":
-            labels = labels.to(logits.dtype)
-            if sample_weight is None:
-                if num_labels == 1:
-                    return F.mse_loss(logits.squeeze(), labels.squeeze())
-                return F.mse_loss(logits, labels)
-            if num_labels == 1:
-                per_sample = F.mse_loss(logits.reshape(-1), labels.reshape(-1), reduction="none")
-            else:
-                per_sample = F.mse_loss(logits, labels, reduction="none").mean(dim=-1)
-            return _weighted_mean(per_sample, sample_weight)
-        if problem_type == "single_label_classification":
-            labels = labels.reshape(-1).long()
-            check_class_labels(labels, num_labels)
-            if sample_weight is None:
-                return F.cross_entropy(logits.view(-1, num_labels), labels)
-            per_sample = F.cross_entropy(logits.view(-1, num_labels), labels, reduction="none")
-            return _weighted_mean(per_sample, sample_weight, counted=labels != IGNORE_INDEX)
-        labels = labels.to(logits.dtype)
-        if sample_weight is None:
-            return F.binary_cross_entropy_with_logits(logits, labels)
-        per_sample = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=-1)
-        return _weighted_mean(per_sample, sample_weight)
+        return classification_loss(self.problem_type_for(labels), labels, logits, num_labels, sample_weight)
 

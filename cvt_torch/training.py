@@ -45,7 +45,8 @@ from torch import nn
 from cvt_core.batching import Augmentation, format_epoch, iterate_batches
 from cvt_core.training import FitResult, check_fit_arguments, training_schedule
 
-from .modeling_cvt import check_class_labels
+from .losses import check_class_labels
+from .optimize import uses_training_kernels
 
 
 # --------------------------------------------------------------------------------------------------- distributed set-up
@@ -357,6 +358,9 @@ def fit(build_model: Callable[[], nn.Module], train_pixels: np.ndarray, train_la
     `threads` (None or 0: PyTorch's choice) sets the CPU threads while training. `strategy` and `cpu_replicas` are
     Keras options and must stay at their defaults here. `echo` gets the setup line and one line per epoch, and
     `progress(batches, description)` may wrap each epoch's batches in a progress bar; both on the main process only.
+    For oneDNN matmuls in the training step (`cvt train --fast-kernels`), build the model through
+    `cvt_torch.optimize.optimize_for_training`: `fit(lambda: optimize_for_training(CvtForImageClassification(config)),
+    ...)`.
     """
     check_fit_arguments(train_pixels, train_labels, val_pixels, val_labels, epochs, batch_size, learning_rate)
     if strategy != "default" or cpu_replicas:
@@ -380,8 +384,9 @@ def fit(build_model: Callable[[], nn.Module], train_pixels: np.ndarray, train_la
                      + (", synchronised BatchNorm" if sync_batchnorm else "")) if context.distributed else "1 process"
             say(f"training with PyTorch {torch.__version__} on {context.device.type} ({where}, "
                 f"{torch.get_num_threads()} thread(s) each{', bf16 autocast' if autocast else ''}"
-                f"{', torch.compile' if compile else ''}): {epochs} epochs x {schedule.steps_per_epoch} steps, "
-                f"global batch {batch_size}")
+                f"{', torch.compile' if compile else ''}"
+                f"{', oneDNN training matmuls' if uses_training_kernels(model) else ''}): {epochs} epochs x "
+                f"{schedule.steps_per_epoch} steps, global batch {batch_size}")
 
         def batches(epoch: int):
             return iterate_batches(train_pixels, train_labels, batch_size, shuffle=True, seed=seed, epoch=epoch,

@@ -535,3 +535,57 @@ def test_loss_type_is_inferred_per_call_without_changing_the_config():
         out = regression(x, labels=targets)
         assert torch.allclose(out.loss, F.mse_loss(out.logits[:, 0], targets))
         assert regression.config.problem_type is None
+
+
+# ------------------------------------------------------------------------------------------------ activation checkpointing
+def _saved_for_backward_bytes(model, x, labels) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one training forward (then runs it)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x, labels=labels).loss
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations():
+    config = tiny_config(**NO_DROPOUT, num_labels=4)
+    model = seeded(CvtForImageClassification, config).train()
+    checkpointed = seeded(CvtForImageClassification, config).train()
+    checkpointed.gradient_checkpointing_enable()
+    x, labels = images(batch=3, height=64, width=56), torch.tensor([0, 3, 1])
+    plain_bytes = _saved_for_backward_bytes(model, x, labels)
+    checkpointed_bytes = _saved_for_backward_bytes(checkpointed, x, labels)
+    assert checkpointed_bytes < 0.5 * plain_bytes
+    grads = dict(model.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        assert_close(p.grad.numpy(), grads[name].grad.numpy(), name)
+
+
+def test_gradient_checkpointing_is_switched_by_transformers_and_timm_names_and_only_acts_in_training():
+    model = seeded(CvtForImageClassification, tiny_config(num_labels=3))
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert model.is_gradient_checkpointing
+    assert all(stage.checkpoint_options == {"use_reentrant": True} for stage in model.cvt.encoder.stages)
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    model.set_grad_checkpointing()
+    assert model.is_gradient_checkpointing and model.cvt.is_gradient_checkpointing
+    assert model.cvt.encoder.stages[0].checkpoint_options == {"use_reentrant": False}
+    runs = []
+    model.cvt.encoder.stages[2].layers[0].intermediate.register_forward_hook(lambda *args: runs.append(1))
+    with torch.no_grad():
+        model(images())  # eval: each block runs once, as without checkpointing
+    assert len(runs) == 1
+    model.train()
+    model(images()).logits.sum().backward()  # the forward, then its recomputation in the backward
+    assert len(runs) == 3
+    model.set_grad_checkpointing(False)
+    assert not model.is_gradient_checkpointing
+    model(images()).logits.sum().backward()
+    assert len(runs) == 4
