@@ -1,21 +1,33 @@
-"""The TensorFlow artifacts of `cvt export`: `saved_model/` and `model.tflite`, written from our Keras
-`TFCvtForImageClassification`, and run back with `tf.saved_model.load` and the TFLite interpreter.
+"""The TensorFlow artifacts of `cvt export`: `saved_model/` and `model.tflite`, written from our Keras models, and run
+back with `tf.saved_model.load` and the TFLite interpreter.
 
-Both serve the model's `serving_outputs`: `pixel_values` (N, C, H, W) float32 in, `{"logits": float32}` out,
-whatever the model's dtype policy (under `mixed_bfloat16` the model casts the input to bfloat16 itself and the
-logits are cast back). The SavedModel is the model's own `export` and keeps batch, height and width unknown; the
-TFLite file (the model's own `export(format="litert")`) fixes height and width (the converter's kernels need them),
-keeps the batch dynamic and uses TFLite's built-in operators only.
+Both serve `serving_outputs`: `pixel_values` float32 in (the model's data format; NCHW for the models `cvt export`
+builds), the output container's tensors out by name (`{"logits": float32}` for the classifier), floating ones in
+float32 whatever the model's dtype policy (under `mixed_bfloat16` the model casts the input to bfloat16 itself and
+the logits are cast back).
+
+- `write_saved_model`: batch, height and width unknown by default; the endpoint `serve` (signature
+  `serving_default`), written from a `tf.Module` holding the model, so each variable is stored once (Keras'
+  ExportArchive, as of 3.15, stores every variable twice, once per wrapper).
+- `write_tflite`: height and width fixed (the converter's kernels need them; default the config's image size),
+  batch dynamic, the variables frozen into constants and TFLite's built-in operators only, so the plain interpreter
+  runs it (Keras' own LiteRT export keeps variables).
+
+TensorFlow backend only (`cvt_tf.backend.tensorflow` names the backend otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
+
+from cvt_core.atomic import atomic_write
+from cvt_core.shapes import default_input_size
 
 from .models import _native_stderr_silenced, build_keras_model, import_keras_models
 from .state import CanonicalState
@@ -52,9 +64,51 @@ def _tf():
     return tf
 
 
-def write_saved_model(model, path: str) -> str:
-    """`saved_model/` through the model's own `export` (float32 `pixel_values` of any size in, float32 logits out)."""
-    model.export(path, verbose=False)
+def tensorflow(feature: str):
+    """TensorFlow, for `feature`, under Keras' TensorFlow backend (else one RuntimeError naming it)."""
+    import_keras_models()
+    from cvt_tf.backend import tensorflow as backend_tensorflow
+
+    return backend_tensorflow(feature)
+
+
+def serving_input_signature(model, height: Optional[int] = None, width: Optional[int] = None):
+    """The `tf.TensorSpec` of `pixel_values` the artifacts serve: float32 of any batch, in the model's data format,
+    of any height and width (None) or of the given ones."""
+    tf = tensorflow("a SavedModel or LiteRT export")
+    channels = model.config.num_channels
+    shape = ((None, channels, height, width) if model.data_format == "channels_first"
+             else (None, height, width, channels))
+    return tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)
+
+
+def serving_outputs(model, pixel_values) -> Dict[str, object]:
+    """What the artifacts return: the output container's tensors by name, floating ones in float32 whatever the
+    dtype policy."""
+    import keras
+
+    outputs = model(pixel_values, training=False, return_dict=True)
+    return {name: keras.ops.cast(value, "float32") if _is_floating(value) else value
+            for name, value in outputs.items() if keras.ops.is_tensor(value)}
+
+
+def _is_floating(tensor) -> bool:
+    import keras
+
+    return keras.backend.standardize_dtype(tensor.dtype).startswith(("float", "bfloat"))
+
+
+def write_saved_model(model, path: str, input_signature=None) -> str:
+    """`saved_model/` serving `serving_outputs` (float32 `pixel_values` of any size in, float32 logits out unless
+    `input_signature`, a `tf.TensorSpec`, says otherwise)."""
+    tf = tensorflow("a SavedModel export")
+    if not model.built:
+        model.build_with_dummy_input()
+    spec = input_signature if input_signature is not None else serving_input_signature(model)
+    serving = tf.Module(name="cvt_serving")
+    serving.model = model
+    serving.serve = tf.function(lambda pixel_values: serving_outputs(model, pixel_values), input_signature=[spec])
+    tf.saved_model.save(serving, os.fspath(path), signatures={SERVING_SIGNATURE: serving.serve})
     return path
 
 
@@ -80,12 +134,25 @@ def _converter_notices_silenced() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def write_tflite(model, path: str, height: int, width: int) -> str:
-    """`model.tflite` for height x width images and any batch, through the model's own LiteRT export (built-in
-    operators only, the weights frozen in)."""
+def write_tflite(model, path: str, height: Optional[int] = None, width: Optional[int] = None) -> str:
+    """`model.tflite` for height x width images (default: the config's image size) and any batch, serving
+    `serving_outputs` with the variables frozen into constants, TFLite's built-in operators only."""
+    tf = tensorflow("a LiteRT export")
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    if not model.built:
+        model.build_with_dummy_input()
+    if height is None or width is None:
+        height, width = default_input_size(model.config)
+    spec = serving_input_signature(model, height, width)
+    concrete = tf.function(lambda pixel_values: serving_outputs(model, pixel_values)).get_concrete_function(spec)
     with _converter_notices_silenced():
-        model.export(path, format="litert", verbose=False,
-                     input_signature=model.serving_input_signature(height, width))
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([convert_variables_to_constants_v2(concrete)])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        flatbuffer = converter.convert()
+    with atomic_write(os.fspath(path)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(flatbuffer)
     return path
 
 

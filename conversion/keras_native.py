@@ -10,8 +10,9 @@ variables do not match the config (cvt_tf's strict loading) is refused in one li
 Reading is safe by construction (`cvt_core.h5_safety`): a `model.weights.h5` is opened as a regular file and walked
 whole (hard links only; plain, unfiltered, allocated float datasets stored inside the file) before Keras reads it;
 a `.keras` archive has its members bounded (no zip bomb), its config.json parsed strictly, its weights walked, and
-must hold one of our classes ("not a CvT model saved by cvt_tf: holds <class>") before `load_model` runs, with
-`safe_mode=True` and `compile=False`, on the very file object that was checked.
+must hold one of our classes ("not a CvT model saved by cvt_tf: holds <class>") before Keras builds the model from
+that config (`safe_mode=True`) and our model's strict `load_weights` walks the archive again and loads its weights
+(the optimizer's state is not read).
 """
 
 from __future__ import annotations
@@ -117,57 +118,34 @@ def check_cvt_keras_config(config, path: str) -> CvtConfig:
 
 
 def load_keras_model_file(path: str):
-    """Keras' `load_model` (`safe_mode=True`, `compile=False`) of a `.keras` file written with our models, after
-    `cvt_core.h5_safety.check_keras_archive` (bounded zip members, strict config.json, the weights walked whole)
-    and a check that it holds one of our classes. Keras reads the very file object that was checked."""
+    """Our Keras model saved in a `.keras` file, after `cvt_core.h5_safety.check_keras_archive` (bounded zip
+    members, strict config.json, the weights walked whole) and a check that it holds one of our classes: built
+    from the archive's config (`keras.saving.deserialize_keras_object`, `safe_mode=True`), then its weights loaded
+    by the model's strict `load_weights`, which walks the archive again before Keras reads it."""
     if not os.path.exists(path):
         raise ConversionError(path, "no such file")
     try:
         with open_regular_file(path, CheckpointError) as fileobj:
             archive = check_keras_archive(path, fileobj=fileobj)
-            check_cvt_keras_config(archive.config, path)
-            extra = [name for name in archive.members if name not in KERAS_ARCHIVE_MEMBERS]
-            if extra:
-                raise ConversionError(path, f"holds zip members a CvT .keras file does not (e.g. {extra[0]!r}); it "
-                                            f"holds only {', '.join(KERAS_ARCHIVE_MEMBERS)}")
-            keras, _, _ = import_keras_models()
-            fileobj.seek(0)
-            try:
-                return _keras_load_model(keras, fileobj, path)
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                mismatch = _weights_mismatch(keras, path, archive.config)
-                if mismatch is not None:  # Keras wraps our strict check's error in a long message of its own
-                    raise describe(mismatch, path) from None
-                raise ConversionError(path, f"keras.models.load_model failed: {_short(exc)}") from None
+        check_cvt_keras_config(archive.config, path)
+        extra = [name for name in archive.members if name not in KERAS_ARCHIVE_MEMBERS]
+        if extra:
+            raise ConversionError(path, f"holds zip members a CvT .keras file does not (e.g. {extra[0]!r}); it "
+                                        f"holds only {', '.join(KERAS_ARCHIVE_MEMBERS)}")
+        keras, _, _ = import_keras_models()
+        try:
+            with no_random_draws(keras):
+                model = keras.saving.deserialize_keras_object(archive.config, safe_mode=True)
+            model.load_weights(path)
+        except (WeightLoadError, CheckpointError):
+            raise
+        except Exception as exc:
+            raise ConversionError(path, f"cannot be loaded as a Keras model: {_short(exc)}") from None
+        return model
+    except WeightLoadError as exc:
+        raise describe(exc, path) from None
     except CheckpointError as exc:
         raise ConversionError(None, one_line(str(exc))) from None
-
-
-def _keras_load_model(keras, fileobj, path: str):
-    """`load_model(safe_mode=True, compile=False)` reading `fileobj` (the file checked) where this Keras can."""
-    from keras.src.saving import saving_lib
-
-    if hasattr(saving_lib, "_load_model_from_fileobj"):
-        return saving_lib.load_model(fileobj, custom_objects=None, compile=False, safe_mode=True)
-    return keras.models.load_model(path, compile=False, safe_mode=True)  # pragma: no cover - older Keras
-
-
-def _weights_mismatch(keras, path: str, config):
-    """The strict check's `WeightLoadError` for a `.keras` file whose weights do not fit its own config, or None
-    (also when the config itself does not build)."""
-    from cvt_tf.modeling_cvt import check_keras_weights_file
-
-    try:
-        with no_random_draws(keras):
-            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
-            check_keras_weights_file(model, path)
-    except WeightLoadError as exc:
-        return exc
-    except Exception:
-        return None
-    return None
 
 
 def state_from_keras_model(model, source: str) -> CanonicalState:

@@ -94,24 +94,13 @@ def run_torch(model, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ Keras
-@contextlib.contextmanager
 def no_random_draws(keras):
-    """While building a model whose every variable is overwritten right after, let the random initializers return
-    zeros: drawing 277M truncated-normal numbers costs seconds for nothing. Scoped to the build (the CLI builds
-    models in one thread)."""
-    classes = [keras.initializers.TruncatedNormal, keras.initializers.RandomNormal, keras.initializers.RandomUniform]
-    originals = [cls.__call__ for cls in classes]
+    """While building a model whose every variable is overwritten right after, its kernels start at zero
+    (`cvt_tf.layers.random_initialization_skipped`): drawing 277M truncated-normal numbers costs seconds for
+    nothing. (`keras`: the module `import_keras_models` returned, so cvt_tf is imported.)"""
+    from cvt_tf.layers import random_initialization_skipped
 
-    def zeros(self, shape, dtype=None):
-        return keras.ops.zeros(shape, dtype=dtype)
-
-    try:
-        for cls in classes:
-            cls.__call__ = zeros
-        yield
-    finally:
-        for cls, original in zip(classes, originals, strict=True):
-            cls.__call__ = original
+    return random_initialization_skipped()
 
 
 def new_keras_model(config: CvtConfig, with_head: bool, initialize: bool = False):

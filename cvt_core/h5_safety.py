@@ -16,8 +16,9 @@ huge dataset. The walk (`check_h5`) therefore requires:
   size (plus, per tensor, one native-order copy for the callers that convert);
 - values: IEEE float16/32/64. In a `tf_model.h5` (read by `read_dataset` here) either byte order: big-endian data is
   converted to native order by HDF5 while it is read, into a native array (no second copy). In Keras files (read by
-  Keras itself, on any backend) little-endian only, and integers only under the optimizer's state (`optimizer/`);
-  Keras' bfloat16 (2-byte opaque) is accepted there too;
+  Keras itself, on any backend) little-endian only, integers only under the optimizer's state (`optimizer/`) and
+  int8 (the kernels of layers quantized with `quantize("int8")` or `"int4"`; cvt_tf loads an integer tensor only
+  where the model holds an integer variable); Keras' bfloat16 (2-byte opaque) is accepted there too;
 - attributes: strings or numbers, each at most `Limits.H5_ATTRIBUTE_BYTES` stored; in Keras files a
   variable-length one is a scalar (Keras reads `attrs["dtype"]`). Name lists (tf_keras' `layer_names` /
   `weight_names`) are read only through `read_name_list`, into fixed-size buffers (variable-length strings can all
@@ -223,6 +224,8 @@ class _Walk:
         table = floats
         if cls == h5py.h5t.INTEGER and keras and path.lstrip("/").split("/")[0] == "optimizer":
             table = ints  # the optimizer's iteration counter
+        elif cls == h5py.h5t.INTEGER and keras and size == 1:
+            table = [entry for entry in ints if entry[2] == np.dtype(np.int8)]  # quantized (int8, int4) kernels
         for little, big, dtype in table:
             if tid.equal(little):
                 return dtype, False
@@ -472,13 +475,16 @@ def check_keras_weights_path(path: str) -> None:
     elif path.endswith(".weights.h5"):
         check_h5_file(path, KERAS_KIND)
     elif path.endswith(".weights.json"):
-        for shard in _keras_shards(path):
+        for shard in keras_shard_paths(path):
             check_h5_file(shard, KERAS_KIND)
     elif path.endswith((".h5", ".hdf5")):
         check_h5_file(path, TF_KIND)
 
 
-def _keras_shards(path: str) -> List[str]:
+def keras_shard_paths(path: str, listed_only: bool = False) -> List[str]:
+    """The shards of the sharded Keras weights index `path`: each file its `weight_map` names (a plain
+    `.weights.h5` file name in the index's folder, else a one-line `CheckpointError`) and, unless `listed_only`,
+    every `<base>_NNNNN.weights.h5` beside it, which Keras opens by name."""
     from .untrusted import load_json_file
 
     index = load_json_file(path, "sharded Keras weights index", max_bytes=Limits.JSON_BYTES)
@@ -495,7 +501,8 @@ def _keras_shards(path: str) -> List[str]:
                                       f".weights.h5 file name in the index's folder")
             names.add(name)
     base = os.path.basename(path)[: -len(".weights.json")]
-    names.update(n for n in os.listdir(folder) if n.startswith(base + "_") and n.endswith(".weights.h5"))
+    if not listed_only:
+        names.update(n for n in os.listdir(folder) if n.startswith(base + "_") and n.endswith(".weights.h5"))
     return [os.path.join(folder, n) for n in sorted(names)]
 
 

@@ -5,9 +5,9 @@ its module path as transformers names it and as the original microsoft/CvT code 
 belongs to, and its PyTorch shape. Every other name is derived from that entry:
 
 - PyTorch (ours and transformers'): `entry.torch_name(with_head)`, e.g. `cvt.encoder.stages.0....weight`.
-- Keras (ours): the same canonical name; our Keras layers carry transformers' TF layer names, so the
-  variable path is `entry.keras_path()`.
-- transformers TF (`tf_model.h5`): `entry.hf_tf_name(with_head, scope)`.
+- transformers TF (`tf_model.h5`): `entry.hf_tf_name(scope)`, the variable path `entry.keras_path()`.
+- Keras (ours): our Keras layers carry transformers' TF layer names with "_" for "." (Keras' torch backend
+  refuses dots in parameter names), so the variable path is `entry.keras_variable_path()`.
 - the original checkpoints: `entry.original_name()`.
 
 Layout: PyTorch conv kernels are (out, in/groups, kh, kw), Keras (kh, kw, in/groups, out); PyTorch dense weights
@@ -92,12 +92,18 @@ class WeightEntry:
         return self.leaf not in ("running_mean", "running_var", "num_batches_tracked")
 
     def keras_path(self) -> str:
-        """Path of the Keras variable below the model: transformers' TF name without scope and `:0`."""
+        """Path of the variable below transformers' TF model: its TF name without scope and `:0`."""
         if self.layer_type == "parameter":
             # transformers names the cls token variable with dots, outside any layer scope.
             return BACKBONE_PREFIX + self.name
         parts = (("cvt",) if not self.in_head else ()) + self.module + (self.keras_leaf,)
         return "/".join(parts)
+
+    def keras_variable_path(self) -> str:
+        """Path of the variable below our Keras model (`cvt_tf`): `keras_path()` with "_" for "." and the cls
+        token inside its stage (`cvt/encoder/stages_0/cls_token`)."""
+        parts = (("cvt",) if not self.in_head else ()) + self.module + (self.keras_leaf,)
+        return "/".join(part.replace(".", "_") for part in parts)
 
     def hf_tf_name(self, scope: str = "tf_cvt_for_image_classification") -> str:
         """Variable name in transformers' TF model (and in its `tf_model.h5`), `:0` included."""

@@ -1,21 +1,26 @@
-"""The Keras backend the models run on, and the one switch between TensorFlow's fast kernels and `keras.ops`.
+"""The Keras backend the models run on, and what differs between backends.
 
 The Keras side runs on each Keras 3 backend: `tensorflow` (the default this package selects when `KERAS_BACKEND`
 is unset), `jax` and `torch`. Set the backend before Keras is first imported:
 
     KERAS_BACKEND=jax python train.py
 
-`TF` is the one backend check of the package: where TensorFlow has a faster kernel than the one `keras.ops` would
-give it (the fused MatMul + BiasAdd of every Dense, the one-kernel squared difference of LayerNorm, the traced
-encoder, the empty-batch guard, `tf.distribute` strategies), the code asks `TF`; everything else is `keras.ops`.
-Under JAX and PyTorch, TensorFlow is never imported on the model's path (`import cvt_tf`, `from_pretrained`,
-calling, `fit`, `predict`, saving and loading); what is TensorFlow's own (SavedModel/LiteRT export,
-`tf.distribute` strategies) asks `tensorflow(feature)`, which names the backend it needs.
+`TF` is the one backend check of the package; the models themselves are `keras.ops`. Under JAX and PyTorch,
+TensorFlow is never imported on the model's path (`import cvt_tf`, `from_pretrained`, calling, `fit`, `predict`,
+saving and loading); what is TensorFlow's own (SavedModel/LiteRT export, `tf.distribute` strategies) asks
+`tensorflow(feature)`, which names the backend it needs. What TensorFlow needs besides `keras.ops`:
 
-Under the torch backend every Keras layer is a `torch.nn.Module` whose parameters are keyed by the variable path,
-and torch refuses a "." in a parameter name; our paths are transformers' TF names (`cvt/encoder/stages.0/...`),
-which have dots. `_allow_dotted_variable_paths` keys those parameters with the dots replaced, leaving the
-variable paths (and so every saved file) unchanged.
+- `empty_batch_guard`: TensorFlow's convolutions cannot take an empty batch inside a graph (JAX's and PyTorch's
+  can), so inference on one runs on a blank image and cuts every output back to 0 rows;
+- `jax_compiled_inference`: calling the model eagerly on JAX would dispatch (and compile, once per shape) every
+  operation on its own, tens of seconds for a first call; in inference the encoder runs as one `jax.jit` function
+  of the variables' current values instead (Keras' own `predict` and `fit` steps are compiled anyway);
+- `MultiWorkerFitFixes`: Keras (3.3 to 3.15.1, keras-team/keras#20585) cannot `fit` under
+  `tf.distribute.MultiWorkerMirroredStrategy`: its first step reduces the distributed batch with
+  `strategy.reduce`, which that strategy cannot apply to a nested structure, and it averages each step's scalar
+  logs with `strategy.reduce("MEAN", value, axis=0)`, which needs an axis. The mixin works around both for that
+  strategy only, by overriding the trainer's `_maybe_symbolic_build` (a private method: no public hook exists;
+  under a Keras that no longer calls it, the override is simply unused) and its public `train_step`/`test_step`.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ TF: bool = BACKEND == "tensorflow"
 JAX: bool = BACKEND == "jax"
 TORCH: bool = BACKEND == "torch"
 
-TORCH_PARAMETER_DOT = "\u2024"  # ONE DOT LEADER: stands for "." in the torch parameter names of dotted paths
-
 
 def tensorflow(feature: str):
     """The `tensorflow` module, for `feature`, which only Keras' TensorFlow backend has. Raises one RuntimeError
@@ -45,41 +48,94 @@ def tensorflow(feature: str):
     return tf
 
 
-def torch_parameter_name(path: str) -> str:
-    """The name under which the torch backend registers the variable at `path` (torch forbids "." in it)."""
-    return path.replace(".", TORCH_PARAMETER_DOT)
+class _EmptyBatchGuard:
+    """Inference on an empty batch, which TensorFlow's convolutions cannot take (they fail inside the graph): the
+    encoder runs on one blank image instead and every output is cut back to the batch's 0 rows, as PyTorch returns
+    them. With a batch size known only when the graph runs, the swap is a `tf.cond` and the cut a slice to the
+    batch size, which TensorFlow forwards without a copy when it covers the whole tensor."""
+
+    def __init__(self, images):
+        tf = tensorflow("the empty-batch guard")
+        size = tf.shape(images)[0]
+        blank = tf.zeros(tf.concat([[1], tf.shape(images)[1:]], axis=0), images.dtype)
+        if images.shape[0] == 0:
+            self.input, self.size = blank, 0
+        else:
+            self.input = tf.cond(size > 0, lambda: images, lambda: blank)
+            self.size = size
+
+    def restore(self, tensor):
+        return tensor if tensor is None else tensor[:self.size]
 
 
-def _allow_dotted_variable_paths() -> None:
-    """Make Keras' torch layers register each variable under `torch_parameter_name(variable.path)` instead of the
-    raw path. Changes nothing for paths without dots, which register as before."""
-    import torch
-    from keras.src.backend.torch.layer import TorchLayer
-
-    if getattr(TorchLayer, "_cvt_dotted_paths", False):
-        return
-
-    def _track_variables(self):
-        self._torch_params = torch.nn.ParameterDict(
-            {torch_parameter_name(variable.path): variable.value for variable in self.variables})
-
-    def _post_track_variable(self, variable):
-        if hasattr(self, "_torch_params"):
-            name = torch_parameter_name(variable.path)
-            if name not in self.torch_params:
-                self.torch_params[name] = variable.value
-
-    def _post_untrack_variable(self, variable):
-        if hasattr(self, "_torch_params"):
-            name = torch_parameter_name(variable.path)
-            if name in self.torch_params:
-                self.torch_params.pop(name)
-
-    TorchLayer._track_variables = _track_variables
-    TorchLayer._post_track_variable = _post_track_variable
-    TorchLayer._post_untrack_variable = _post_untrack_variable
-    TorchLayer._cvt_dotted_paths = True
+def empty_batch_guard(images):
+    """None when no guard is needed (another backend, or a batch known to be non-empty), else the guard: run the
+    encoder on `guard.input` and map `guard.restore` over its outputs."""
+    if not TF:
+        return None
+    size = images.shape[0]
+    return None if size is not None and size > 0 else _EmptyBatchGuard(images)
 
 
-if TORCH:
-    _allow_dotted_variable_paths()
+def jax_compiled_inference(layer, inputs):
+    """`layer(inputs, training=False)` on JAX as one `jax.jit` function of the layer's current variable values and
+    `inputs` (one compile per input shape and dtype), or None where that does not apply: another backend, an
+    unbuilt layer, or inputs that are tracers (inside Keras' own compiled steps and shape inference). The values
+    are passed on every call, so the function always sees the current weights."""
+    if not (JAX and layer.built):
+        return None
+    import jax
+
+    if isinstance(inputs, jax.core.Tracer):
+        return None
+    function = layer.__dict__.get("_jax_compiled_inference")
+    if function is None:
+        def run(trainable, non_trainable, values):
+            return layer.stateless_call(trainable, non_trainable, values, training=False)[0]
+
+        function = jax.jit(run)
+        object.__setattr__(layer, "_jax_compiled_inference", function)  # a plain attribute, not tracked by Keras
+    return function([v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables],
+                    inputs)
+
+
+class MultiWorkerFitFixes:
+    """Mixin (before `keras.Model`) that lets `fit`/`evaluate` run under `MultiWorkerMirroredStrategy`; see the
+    module docstring. Changes nothing under any other strategy or backend."""
+
+    def _in_multi_worker_strategy(self) -> bool:
+        if not TF:
+            return False
+        import tensorflow as tf
+
+        return isinstance(getattr(self, "distribute_strategy", None), tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _step_logs(self, logs):
+        if not self._in_multi_worker_strategy():
+            return logs
+        import tensorflow as tf
+
+        return keras.tree.map_structure(
+            lambda value: tf.reshape(value, [1]) if tf.is_tensor(value) and value.shape.rank == 0 else value, logs)
+
+    def train_step(self, *args, **kwargs):
+        return self._step_logs(super().train_step(*args, **kwargs))
+
+    def test_step(self, *args, **kwargs):
+        return self._step_logs(super().test_step(*args, **kwargs))
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # The build only needs shapes: take this worker's first replica's batch instead of reducing it.
+        if iterator is None or not self._in_multi_worker_strategy():
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        import tensorflow as tf
+
+        strategy = self.distribute_strategy
+        for _, _, batches in iterator:
+            data_batch = keras.tree.map_structure(
+                lambda value: (strategy.experimental_local_results(value)[0]
+                               if isinstance(value, tf.distribute.DistributedValues) else value),
+                next(batches))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)

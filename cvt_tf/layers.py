@@ -9,6 +9,9 @@
 - `CeilModeAveragePooling2D`: `torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=True,
   count_include_pad=True)` for channels-last tensors.
 
+`sublayers(layer)` walks a layer tree through public attributes (Keras lists a model's direct layers only), and
+`truncated_normal(stddev)` is the kernels' initializer (transformers' and PyTorch's truncated normal).
+
 All layers work on channels-last (NHWC) tensors, on every Keras backend (`keras.ops`); the replica all-reduce
 of `synchronized` BatchNorm and the pooling of images whose size is known only when the graph runs are
 TensorFlow's (`cvt_tf.backend.TF`). Under JAX, `keras.distribution` shards the batch of one program, whose batch
@@ -17,16 +20,80 @@ statistics are already those of the global batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
 
 from cvt_core.shapes import avg_pool_ceil_extra_padding, avg_pool_ceil_window_counts
 
-from .backend import JAX, TF
+from .backend import JAX, TF, TORCH
 
 if TF:
     import tensorflow as tf
+
+
+_RANDOM_INITIALIZATION_SKIPPED: list = []  # non-empty inside `random_initialization_skipped()`
+
+
+@contextlib.contextmanager
+def random_initialization_skipped():
+    """Layers built in this block start their kernels at zero (`truncated_normal` gives Zeros): for a model whose
+    every weight is overwritten right after, where drawing millions of random numbers costs seconds for nothing."""
+    _RANDOM_INITIALIZATION_SKIPPED.append(True)
+    try:
+        yield
+    finally:
+        _RANDOM_INITIALIZATION_SKIPPED.pop()
+
+
+def truncated_normal(stddev: float) -> keras.initializers.Initializer:
+    """Keras' TruncatedNormal(0, stddev) (values beyond 2 stddev redrawn); on JAX drawn on the host instead."""
+    if _RANDOM_INITIALIZATION_SKIPPED:
+        return keras.initializers.Zeros()
+    if JAX:
+        return _HostTruncatedNormal(stddev=stddev)
+    return keras.initializers.TruncatedNormal(mean=0.0, stddev=stddev)
+
+
+class _HostTruncatedNormal(keras.initializers.Initializer):
+    """Keras' TruncatedNormal (mean 0, values beyond 2 stddev redrawn), drawn by NumPy's global generator (which
+    `keras.utils.set_random_seed` seeds). For JAX: its truncated normal compiles one XLA program per weight shape,
+    about 0.3 s each on a CPU, which made building a CvT take tens of seconds."""
+
+    def __init__(self, stddev: float):
+        self.stddev = float(stddev)
+
+    def __call__(self, shape, dtype=None):
+        values = np.random.standard_normal(shape)
+        outside = np.abs(values) > 2.0
+        while outside.any():
+            values[outside] = np.random.standard_normal(int(outside.sum()))
+            outside = np.abs(values) > 2.0
+        return ops.convert_to_tensor(values * self.stddev, dtype=dtype or keras.config.floatx())
+
+    def get_config(self):
+        return {"stddev": self.stddev}
+
+
+def public_attributes(layer: keras.layers.Layer) -> dict:
+    """{name: value} of a layer's public attributes, its sub-layers included (on the torch backend every Keras layer
+    is a torch module, and torch keeps sub-modules in its own registry, `named_children`, not in `__dict__`)."""
+    attributes = {name: value for name, value in vars(layer).items() if not name.startswith("_")}
+    if TORCH:
+        attributes.update((name, child) for name, child in layer.named_children() if not name.startswith("_"))
+    return attributes
+
+
+def sublayers(layer: keras.layers.Layer):
+    """Every layer below `layer`, depth first, found through its public attributes that hold a layer or a list of
+    layers (each block's sub-blocks, and the Keras layers inside them)."""
+    for value in public_attributes(layer).values():
+        for child in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(child, keras.layers.Layer):
+                yield child
+                yield from sublayers(child)
 
 
 def depthwise_conv(inputs, kernel, strides=(1, 1), dilation_rate=(1, 1)):

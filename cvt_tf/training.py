@@ -18,7 +18,11 @@ fine-tuning scripts want around it:
   `cvt_core.batching.iterate_batches` does for the PyTorch loop;
 - `EpochLogger`: one progress line per epoch and a history with wall times; `BatchProgress`: a progress bar;
 - `fit`: all of it, the loop `cvt train --framework keras` runs, with the arguments of `cvt_torch.training.fit`
-  and the same `cvt_core.training.FitResult` back.
+  and the same `cvt_core.training.FitResult` back;
+- `ClassifierFitHooks`: the Keras trainer hooks `TFCvtForImageClassification` inherits, which let `compile`/`fit`/
+  `evaluate`/`predict` work on its output container and its own loss;
+- `block_remat_scope`: build a model inside it to recompute each block's activations in the backward pass
+  (Keras' rematerialisation, PyTorch's gradient checkpointing), trading compute for memory.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import keras
@@ -34,10 +39,12 @@ import numpy as np
 from keras import ops
 
 from cvt_core.batching import Augmentation, epoch_order, format_epoch, num_batches
+from cvt_core.config import CvtConfig
+from cvt_core.outputs import CvtImageClassifierOutput
 from cvt_core.training import FitResult, check_fit_arguments, training_schedule
 
-from .backend import BACKEND, TF, tensorflow
-from .layers import TorchBatchNormalization
+from .backend import BACKEND, JAX, TF, tensorflow
+from .layers import TorchBatchNormalization, sublayers
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -121,11 +128,89 @@ def synchronize_batch_norm(model: keras.Model, enabled: bool = True) -> int:
     """Make every `TorchBatchNormalization` of `model` compute its batch statistics over the global batch of the
     strategy it runs under (or stop it); returns how many layers were changed. Call it before `fit` traces the
     training step (i.e. before the first `fit`, or recompile afterwards)."""
-    layers = [layer for layer in model._flatten_layers(include_self=False)
-              if isinstance(layer, TorchBatchNormalization)]
+    layers = [layer for layer in sublayers(model) if isinstance(layer, TorchBatchNormalization)]
     for layer in layers:
         layer.synchronized = bool(enabled)
     return len(layers)
+
+
+# ------------------------------------------------------------------------------------------- the model's trainer hooks
+class ClassifierFitHooks:
+    """Keras' trainer hooks for `TFCvtForImageClassification` (a mixin before `keras.Model` in its bases).
+
+    `compile(optimizer, loss=..., metrics=...)` then `fit(images, labels)` applies the loss and metrics to the
+    logits; `compile(optimizer)` without a loss trains on the model's own loss (transformers' rule), from labels
+    given as `y` or inside the input dict `{"pixel_values": ..., "labels": ...}`. `predict` returns the logits
+    (float32); calling the model returns the whole output container."""
+
+    @staticmethod
+    def _labels_inside(x):
+        return x.get("labels") if isinstance(x, Mapping) else None
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' loss hook (`fit`, `evaluate`). A loss given to `compile` is applied to (y, float32 logits); with
+        none, the model's own loss is used, from labels passed inside the input dict or as `y`. The result is
+        scaled for the replicas of a `tf.distribute` strategy as Keras' own losses are."""
+        logits, model_loss = y_pred, None
+        if isinstance(y_pred, CvtImageClassifierOutput):
+            logits, model_loss = y_pred.logits, y_pred.loss
+        if y is None:
+            y = self._labels_inside(x)
+        if self.loss is not None:  # the loss given to compile
+            if y is None:
+                raise ValueError("fit/evaluate got no labels: pass them as y, or inside the input dict as 'labels'")
+            return super().compute_loss(x, y, ops.cast(logits, "float32"), sample_weight, training=training)
+        if model_loss is None or sample_weight is not None:
+            if y is None:
+                raise ValueError("no loss to train on: compile with a loss, or pass labels (as y, or inside the input "
+                                 "dict as 'labels') so the model computes its own")
+            model_loss = self.compute_classification_loss(y, logits, sample_weight)
+        total = ops.cast(model_loss, "float32")
+        for extra in self.losses:  # add_loss / regularisers, as Keras adds them
+            total = total + ops.sum(ops.cast(extra, "float32"))
+        # Each replica's gradients are summed across replicas, so each contributes its mean / replicas (JAX's
+        # keras.distribution computes one loss over the global batch instead).
+        replicas = tensorflow("a strategy").distribute.get_strategy().num_replicas_in_sync if TF else 1
+        return total / replicas if replicas > 1 else total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Compiled metrics see (labels, logits); labels come from `y` or from the input dict."""
+        if isinstance(y_pred, CvtImageClassifierOutput):
+            y_pred = y_pred.logits
+        if y is None:
+            y = self._labels_inside(x)
+        if y is None:
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, *step):
+        """`predict` returns the logits, as float32 (the output container is what calling the model returns).
+        (`step` is `data`, or `state, data` on JAX, whose steps are pure functions of the variables.)"""
+        outputs = super().predict_step(*step)
+        if JAX:  # (outputs, non-trainable variables)
+            return _float32_logits(outputs[0]), outputs[1]
+        return _float32_logits(outputs)
+
+
+def _float32_logits(outputs):
+    if isinstance(outputs, CvtImageClassifierOutput):
+        outputs = outputs.logits
+    return ops.cast(outputs, "float32")
+
+
+def block_remat_scope(config: CvtConfig) -> keras.RematScope:
+    """`keras.RematScope` that rematerialises every transformer block of a model built inside it: the block's
+    activations are recomputed in the backward pass instead of stored (PyTorch's gradient checkpointing) through
+    `keras.remat` (TensorFlow's recompute_grad, jax.checkpoint, torch.utils.checkpoint; Keras 3.8 or later). Same
+    gradients (tests/test_keras_ecosystem.py, TensorFlow backend), less memory.
+
+        with block_remat_scope(config):
+            model = TFCvtForImageClassification(config)
+    """
+    from .modeling_cvt import block_name
+
+    names = sorted({block_name(index) for depth in config.depth for index in range(depth)})
+    return keras.RematScope(mode="list_of_layers", layer_names=names)
 
 
 # --------------------------------------------------------------------------------------------------------- optimisation

@@ -228,9 +228,11 @@ def run(job: dict) -> dict:
     def _():
         if backend == "tensorflow":
             return
+        from conversion.export_keras import write_saved_model
+
         model = load(main)
         try:
-            model.export(os.path.join(work, "saved"), format="tf_saved_model")
+            write_saved_model(model, os.path.join(work, "saved"))
         except RuntimeError as exc:
             assert "KERAS_BACKEND=tensorflow" in str(exc), str(exc)
         else:

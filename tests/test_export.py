@@ -316,13 +316,14 @@ def test_keras_export_serves_float32_at_any_batch_and_size_under_every_policy(tm
     import tensorflow as tf
 
     import cvt_tf
+    from conversion import export_keras
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)
     try:
         model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG), data_format="channels_first")
         model.build_with_dummy_input()
-        model.export(str(tmp_path / "saved_model"), verbose=False)
+        export_keras.write_saved_model(model, str(tmp_path / "saved_model"))
     finally:
         keras.config.set_dtype_policy(previous)
     serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
@@ -340,11 +341,12 @@ def test_keras_litert_export_runs_in_the_plain_tflite_interpreter_at_any_batch(t
     import tensorflow as tf
 
     import cvt_tf
+    from conversion import export_keras
 
     model = cvt_tf.TFCvtForImageClassification(CvtConfig(**CONFIG), data_format="channels_first")
     model.build_with_dummy_input()
     path = tmp_path / "model.tflite"
-    model.export(str(path), format="litert", verbose=False)
+    export_keras.write_tflite(model, str(path))
     assert sorted(os.listdir(tmp_path)) == ["model.tflite"]
     run = _open_artifact("tflite", path)  # TFLite's built-in operators only: no select-ops (Flex) delegate
     assert list(tf.lite.Interpreter(model_path=str(path)).get_input_details()[0]["shape_signature"]) == [-1, 3, 64, 64]

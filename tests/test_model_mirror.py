@@ -25,11 +25,7 @@ from cvt_core.config import CvtConfig  # noqa: E402
 
 # Classes with no counterpart in the other framework, and why.
 ONE_SIDED_CLASSES = {
-    "CvtLinear": "an nn.Linear running cvt_torch.kernels' oneDNN matmul; Keras uses keras.layers.Dense, applied as "
-                 "one fused MatMul + BiasAdd by _apply_dense",
-    "QuickGELU": "PyTorch has no QuickGELU module; Keras computes the activation inside _apply_dense",
-    "CvtGELU": "an nn.GELU that notes hooks registered on it, so CvtIntermediate may run it in the matmul's epilogue; "
-               "Keras computes the activation inside _apply_dense (one fused MatMul + BiasAdd + GELU)",
+    "QuickGELU": "PyTorch has no QuickGELU module; Keras' Activation layer takes the function (quick_gelu)",
     "TFCvtMainLayer": "transformers' TF layout: both Keras models hold the backbone as `cvt` (variable paths cvt/...), "
                       "where the PyTorch CvtModel holds `encoder` itself",
 }
@@ -49,21 +45,15 @@ ONE_SIDED_METHODS = {
     "from_config": "Keras serialisation (.keras files)",
     "load_weights": "Keras' weights files, loaded strictly",
     "load_own_variables": "Keras' weights files, loaded strictly",
-    "compute_loss": "the Keras trainer's loss hook (fit/evaluate), which calls compute_classification_loss",
-    "compute_metrics": "the Keras trainer's metrics hook",
-    "train_step": "the Keras trainer (fit)",
-    "test_step": "the Keras trainer (evaluate)",
     "predict": "the Keras trainer (predict), taught empty batches",
     "summary": "Keras' summary, building the variables first (PyTorch has them after __init__)",
     "from_preset": "keras-hub's entry point (from_pretrained, or an architecture name with load_weights=False)",
     "save_to_preset": "keras-hub's name for save_pretrained",
-    "predict_step": "the Keras trainer (predict returns the logits)",
-    "export": "Keras' Model.export, taught a float32 signature of any size; PyTorch models go to torch.export, "
-              "torch.onnx and torch.jit.trace as they are",
-    "serving_input_signature": "what Keras' export serves (Keras needs an input signature; torch.export an example)",
-    "serving_outputs": "what Keras' export serves: float32 outputs under mixed_bfloat16 too",
     "forward_intermediates": "timm's feature API, a PyTorch convention; Keras dense heads take TFCvtBackbone's "
                              "pyramid_outputs (keras-hub's)",
+    "gradient_checkpointing_enable": "activation checkpointing per block (torch.utils.checkpoint), transformers' name",
+    "gradient_checkpointing_disable": "activation checkpointing per block (torch.utils.checkpoint), transformers' name",
+    "set_grad_checkpointing": "activation checkpointing per block (torch.utils.checkpoint), timm's name",
 }
 # Sub-block attributes named otherwise in Keras: (torch name, Keras name) -> why.
 RENAMED_ATTRIBUTES = {
@@ -75,7 +65,6 @@ ONE_SIDED_ATTRIBUTES = {
     ("CvtConvEmbeddings", "padding"): "Keras' Conv2D has no explicit integer padding: a ZeroPadding2D runs first",
     ("CvtSelfAttentionConvProjection", "padding"): "Keras' Conv2D has no explicit integer padding: a ZeroPadding2D "
                                                    "runs first",
-    ("CvtIntermediate", "activation"): "Keras applies the activation inside the fused Dense (_apply_dense)",
 }
 # Every projection method and a final stage with and without a cls token, so every sub-block exists.
 MIRROR_CONFIGS = {

@@ -76,19 +76,25 @@ def test_variable_paths_and_shapes_equal_weight_table(name, with_head):
     for entry in entries:
         variable = weights[entry.torch_name(with_head)]
         path = variable.path[len(scope):] if variable.path.startswith(scope) else variable.path
-        assert path == entry.keras_path(), entry.torch_name(with_head)
+        assert path == entry.keras_variable_path(), entry.torch_name(with_head)
         assert tuple(variable.shape) == entry.keras_shape, entry.torch_name(with_head)
         assert variable.trainable == entry.trainable, entry.torch_name(with_head)
     assert sorted(v.path for v in model.weights) == sorted(v.path for v in weights.values())
     assert len(model.weights) == len(weights)
 
 
-def test_cls_token_variable_carries_transformers_tf_name():
+def test_variable_paths_hold_no_dot_and_cls_tokens_live_in_their_stage():
+    """Keras' torch backend registers each variable as a torch parameter named by its path, where torch refuses
+    dots; transformers' TF names (`stages.0`) map to ours through the weight table."""
     config = CvtConfig(**_two_stage(cls_token=[True, True]))
     model = TFCvtModel(config, data_format="channels_first")
     model.build_with_dummy_input()
-    tokens = {v.path: tuple(v.shape) for v in model.weights if "cls_token" in v.path}
-    assert tokens == {"cvt.encoder.stages.0.cls_token": (1, 1, 8), "cvt.encoder.stages.1.cls_token": (1, 1, 16)}
+    assert not [v.path for v in model.weights if "." in v.path]
+    tokens = {v.path[len(model.name) + 1:]: tuple(v.shape) for v in model.weights if "cls_token" in v.path}
+    assert tokens == {"cvt/encoder/stages_0/cls_token": (1, 1, 8), "cvt/encoder/stages_1/cls_token": (1, 1, 16)}
+    entry = next(e for e in weight_table(config, False) if e.leaf == "cls_token")
+    assert (entry.keras_path(), entry.keras_variable_path()) == ("cvt.encoder.stages.0.cls_token",
+                                                                 "cvt/encoder/stages_0/cls_token")
 
 
 def test_fresh_weights_are_initialised_like_transformers():
@@ -210,7 +216,7 @@ def test_configs_transformers_cannot_build_run_forward_and_train(name):
     assert all(np.all(np.isfinite(g.numpy())) for g in grads)
     # Exactly zero by construction: a key bias adds the same score to every key of a query, which softmax cancels;
     # and when the head reads only the final cls token, the spatial queries of the very last block feed nothing.
-    last_block = f"stages.{config.num_stages - 1}/layers.{config.depth[-1] - 1}/attention/attention/convolution_projection_query/"
+    last_block = f"stages_{config.num_stages - 1}/layers_{config.depth[-1] - 1}/attention/attention/convolution_projection_query/"
     dead = [v.path for v, g in zip(model.trainable_variables, grads)
             if not np.any(g.numpy()) and not v.path.endswith("projection_key/bias")
             and not (config.cls_token[-1] and last_block in v.path)]
@@ -398,7 +404,7 @@ def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
 def test_dropped_residual_branches_leave_the_input_unchanged_not_zero():
     keras.utils.set_random_seed(0)
     config = CvtConfig(**dict(TINY, depth=[2, 2, 3], drop_path_rate=[0.999, 0.0, 0.0]))
-    layer = TFCvtLayer(config, 0, 1, name="layers.1")
+    layer = TFCvtLayer(config, 0, 1, name="layers_1")
     assert layer.drop_path.drop_prob == pytest.approx(0.999)
     tokens = np.random.default_rng(12).standard_normal((4, 6 * 5, 16)).astype(np.float32)
     trained = layer(tokens, height=6, width=5, training=True)[0].numpy()
