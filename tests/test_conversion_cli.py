@@ -134,6 +134,8 @@ def test_pickle_that_would_create_a_file_is_refused_and_the_file_never_appears(c
     assert not (tmp_path / "dst").exists()
 
 
+# test_destinations.py::test_failing_cross_check_prints_no_wrote checks all of this (and that no "wrote" is printed)
+@pytest.mark.slow
 def test_cross_check_beyond_tolerance_exits_1_and_writes_nothing(checkpoint, tmp_path):
     code, out, err = cli("convert", checkpoint / "src", tmp_path / "dst", "--to", "hf-tf", "--atol", "1e-12")
     assert code == 1, err

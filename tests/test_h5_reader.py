@@ -48,6 +48,18 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def keras_model():
+    """A built Keras model with random weights (not the world's, so a file that loaded any of its values would show),
+    shared by the tests whose `load_weights` must be refused: each checks that the model's weights did not change,
+    so one model serves them all, and Keras builds cost seconds each."""
+    from cvt_tf import TFCvtForImageClassification
+
+    model = TFCvtForImageClassification(CvtConfig(**TINY_CONFIG))
+    model.build_with_dummy_input()
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ crafted files
 def _replace(f, path, make):
     value = f[path][()]
@@ -339,13 +351,11 @@ def test_crafted_keras_weights_are_refused_by_convert_with_exit_2_and_nothing_wr
 
 @pytest.mark.parametrize("skip_mismatch", [False, True])
 @pytest.mark.parametrize("case", ["external-raw-storage", "virtual-dataset", "gzip-filter", "big-endian"])
-def test_crafted_keras_weights_are_refused_by_load_weights_in_one_line(world, tmp_path, case, skip_mismatch):
+def test_crafted_keras_weights_are_refused_by_load_weights_in_one_line(world, keras_model, tmp_path, case,
+                                                                       skip_mismatch):
     """skip_mismatch=True, Keras' opt-out of the strict comparison, keeps every safety check of the file."""
-    from cvt_tf import TFCvtForImageClassification
-
     path = _crafted_keras_weights(world, tmp_path, case)
-    model = TFCvtForImageClassification(CvtConfig(**TINY_CONFIG))
-    model.build_with_dummy_input()
+    model = keras_model
     before = model.canonical_weights()["classifier.weight"].numpy().copy()
     with pytest.raises(CheckpointError) as info:
         model.load_weights(str(path), skip_mismatch=skip_mismatch)
@@ -492,12 +502,6 @@ def test_full_disk_while_writing_tf_model_h5_is_one_line_not_a_segfault(world, t
 
 
 # ------------------------------------------------------------------------------- every path load_weights takes
-def _tiny_keras_model(world):
-    from cvt_tf import TFCvtForImageClassification
-
-    return TFCvtForImageClassification.from_pretrained(str(world / "all"))
-
-
 def _sharded_weights(model, folder):
     """`save_weights` split into shards: `w.weights.json` and `w_0000N.weights.h5` (Keras names them so)."""
     import warnings
@@ -512,10 +516,11 @@ def _sharded_weights(model, folder):
 
 @pytest.mark.parametrize("skip_mismatch", [False, True])
 @pytest.mark.parametrize("where", ["listed", "unlisted"])
-def test_every_shard_of_sharded_keras_weights_is_walked_before_keras_reads_it(world, tmp_path, where, skip_mismatch):
+def test_every_shard_of_sharded_keras_weights_is_walked_before_keras_reads_it(keras_model, tmp_path, where,
+                                                                              skip_mismatch):
     """A shard holding an unallocated 2 GiB dataset (a 300 KB file) was read whole under skip_mismatch=True, and
     Keras also opens `<base>_00000.weights.h5` whether or not the index lists it."""
-    model = _tiny_keras_model(world)
+    model = keras_model
     index, shards = _sharded_weights(model, tmp_path)
     if where == "unlisted":  # the index names other files; the shard Keras opens by its own naming is the bad one
         data = json.loads(index.read_text())
@@ -539,8 +544,8 @@ def test_every_shard_of_sharded_keras_weights_is_walked_before_keras_reads_it(wo
     np.testing.assert_array_equal(model.canonical_weights()["classifier.weight"].numpy(), before)
 
 
-def test_sharded_keras_weights_naming_a_file_outside_their_folder_are_refused(world, tmp_path):
-    model = _tiny_keras_model(world)
+def test_sharded_keras_weights_naming_a_file_outside_their_folder_are_refused(keras_model, tmp_path):
+    model = keras_model
     index, _ = _sharded_weights(model, tmp_path)
     data = json.loads(index.read_text())
     first = next(iter(data["weight_map"]))
@@ -552,9 +557,9 @@ def test_sharded_keras_weights_naming_a_file_outside_their_folder_are_refused(wo
 
 
 @pytest.mark.parametrize("skip_mismatch", [False, True])
-def test_a_legacy_h5_given_to_load_weights_is_walked_like_tf_model_h5(world, tmp_path, skip_mismatch):
+def test_a_legacy_h5_given_to_load_weights_is_walked_like_tf_model_h5(world, keras_model, tmp_path, skip_mismatch):
     """`load_weights("x.h5")` goes to Keras' legacy reader, which cast integer kernels and read unallocated data."""
-    model = _tiny_keras_model(world)
+    model = keras_model
     path = tmp_path / "legacy.h5"
     shutil.copyfile(world / "all" / "tf_model.h5", path)
     with h5py.File(path, "r+") as f:
@@ -568,12 +573,17 @@ def test_a_legacy_h5_given_to_load_weights_is_walked_like_tf_model_h5(world, tmp
     np.testing.assert_array_equal(model.canonical_weights()["classifier.weight"].numpy(), before)
 
 
-def test_valid_sharded_and_legacy_files_still_load_through_load_weights(world, tmp_path):
-    model = _tiny_keras_model(world)
-    want = model.canonical_weights()["classifier.weight"].numpy().copy()
-    index, _ = _sharded_weights(model, tmp_path)
-    for path in (index, world / "all" / "tf_model.h5"):
-        fresh = _tiny_keras_model(world)
+def test_valid_sharded_and_legacy_files_still_load_through_load_weights(world, keras_model, tmp_path):
+    """Shards saved from one model, then the world's tf_model.h5, load into another model of other values."""
+    from cvt_tf import TFCvtForImageClassification
+
+    index, _ = _sharded_weights(keras_model, tmp_path)
+    world_head = read_safetensors(str(world / "src" / "model.safetensors"))["classifier.weight"].T
+    fresh = TFCvtForImageClassification(CvtConfig(**TINY_CONFIG))
+    fresh.build_with_dummy_input()
+    for path, want in ((index, keras_model.canonical_weights()["classifier.weight"].numpy()),
+                       (world / "all" / "tf_model.h5", world_head)):
+        assert not np.array_equal(fresh.canonical_weights()["classifier.weight"].numpy(), want)
         fresh.load_weights(str(path))
         np.testing.assert_array_equal(fresh.canonical_weights()["classifier.weight"].numpy(), want)
 

@@ -333,7 +333,9 @@ def test_budget_refuses_huge_models_before_allocating_in_2_gib(tmp_path):
 @pytest.mark.parametrize("overrides, figure", [
     (dict(ONE_WIDE_STAGE), "the model would have 25,782,779,906 parameters (103.1 GB in float32)"),
     (dict(embed_dim=[64, 192, 49152], num_heads=[1, 3, 6], mlp_ratio=[4.0, 4.0, 1.0]), "parameters"),
-    (dict(num_labels=1 << 20, embed_dim=[64, 192, 4096], num_heads=[1, 3, 8]), "parameters"),
+    # the head's share of the parameters: a million labels (seconds to build and check their label maps)
+    pytest.param(dict(num_labels=1 << 20, embed_dim=[64, 192, 4096], num_heads=[1, 3, 8]), "parameters",
+                 marks=pytest.mark.slow),
     (dict(image_size=16384), "one image would need"),
     (dict(image_size=[2048, 2048]), "one image would need"),
     (dict(image_size=[64, 16384], patch_stride=[1, 2, 2], patch_padding=[3, 1, 1]), "one image would need"),

@@ -100,9 +100,9 @@ def _non_finite_folder(root, label: str, value: float, seed: int):
     return _write_folder(root / f"{label}-{seed}", tensors), name
 
 
-def _assert_convert_refused(root, src: str, *fragments, args=()):
+def _assert_convert_refused(root, src: str, *fragments, args=(), to="keras"):
     dst = root / (os.path.basename(src) + "-out")
-    code, out, err = cli("convert", src, dst, "--to", "keras", *args)
+    code, out, err = cli("convert", src, dst, "--to", to, *args)
     assert_one_line_error(code, out, err, *fragments)
     assert not dst.exists()
     assert not [n for n in os.listdir(root) if ".partial-" in n]
@@ -222,7 +222,10 @@ def test_non_finite_weight_is_refused_by_torch_from_pretrained(tmp_path, seed, l
             CvtModel.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("seed,label,value", [(s, lab, v) for s, (lab, v) in enumerate(NON_FINITE)])
+# NaN by default; each Keras case builds the model before its weights are judged (seconds), so inf and -inf are slow
+@pytest.mark.parametrize("seed,label,value", [(s, lab, v) if lab == "nan" else
+                                              pytest.param(s, lab, v, marks=pytest.mark.slow)
+                                              for s, (lab, v) in enumerate(NON_FINITE)])
 def test_non_finite_weight_is_refused_by_keras_from_pretrained(tmp_path, seed, label, value):
     from cvt_tf import TFCvtForImageClassification
 
@@ -322,27 +325,35 @@ def _scaled_head_folder(root, factor: float, seed: int) -> str:
     return _write_folder(root / f"head-{factor:g}", tensors)
 
 
-def test_huge_finite_weights_are_refused_by_the_cross_check(tmp_path):
+# The source model's outputs are judged whatever is written: by default the PyTorch target (a second); the Keras
+# target, whose files are written and run in Keras before the judgement, under -m slow
+CROSS_CHECK_TARGETS = ["torch", pytest.param("keras", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("target", CROSS_CHECK_TARGETS)
+def test_huge_finite_weights_are_refused_by_the_cross_check(tmp_path, target):
     # 1e30 in a random tensor: the logits overflow to Inf/NaN or reach an absurd magnitude
     tensors = _tensors(7)
     name = _pick(7)
     tensors[name] = np.full_like(tensors[name], 1e30)
     folder = _write_folder(tmp_path / "huge", tensors)
-    err = _assert_convert_refused(tmp_path, folder, "the source model's")
+    err = _assert_convert_refused(tmp_path, folder, "the source model's", to=target)
     assert ("reach" in err or "contain" in err) and "not" in err
 
 
-def test_logits_of_absurd_magnitude_are_refused_not_passed_as_relative_differences(tmp_path):
+@pytest.mark.parametrize("target", CROSS_CHECK_TARGETS)
+def test_logits_of_absurd_magnitude_are_refused_not_passed_as_relative_differences(tmp_path, target):
     folder = _scaled_head_folder(tmp_path, 1e28, 8)
     err = _assert_convert_refused(tmp_path, folder, "the source model's logits reach",
-                                  "the weights are not what a trained model holds")
+                                  "the weights are not what a trained model holds", to=target)
     assert "e+" in err
 
 
-def test_logits_of_implausible_magnitude_give_a_remark(tmp_path):
+@pytest.mark.parametrize("target", CROSS_CHECK_TARGETS)
+def test_logits_of_implausible_magnitude_give_a_remark(tmp_path, target):
     folder = _scaled_head_folder(tmp_path, 1e5, 9)
     dst = tmp_path / "remarked"
-    code, out, err = cli("convert", folder, dst, "--to", "keras")
+    code, out, err = cli("convert", folder, dst, "--to", target)
     assert code == 0, (out, err)
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("OK:") and "remark: logits reach" in summary, out
