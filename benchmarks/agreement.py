@@ -112,6 +112,7 @@ def photo_agreement(workers: Dict[str, Any], num_photos: int, workdir: str, log)
     log(f"bf16 agreement on {len(pixels)} views of {len(names)} scikit-image photos")
     pairs = [("hf-pt", "fp32", "hf-pt", "bf16"), ("hf-pt", "fp32", "hf-pt", "autocast"),
              ("ours-pt", "fp32", "ours-pt", "bf16"), ("ours-pt", "fp32", "ours-pt", "autocast"),
+             ("ours-pt-fast", "fp32", "ours-pt-fast", "bf16"), ("ours-pt-fast", "fp32", "ours-pt-fast", "autocast"),
              ("hf-tf", "fp32", "hf-tf-bf16", "bf16"), ("ours-keras", "fp32", "ours-keras-bf16", "bf16")]
     cache: Dict[str, Optional[np.ndarray]] = {}
 

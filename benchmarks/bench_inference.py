@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         kinds = []
         if "pt" in frameworks:
-            kinds += ["hf-pt", "ours-pt"]
+            kinds += ["hf-pt", "ours-pt", "ours-pt-fast"]
         if "tf" in frameworks:
             kinds += ["hf-tf", "ours-keras", "hf-tf-bf16", "ours-keras-bf16"]
         if "jax" in frameworks:
@@ -195,37 +195,41 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if "pt" in frameworks:
             for batch in batches:
-                group("PyTorch fp32 inference", "pt-fp32", batch, [("hf-pt", "fp32"), ("ours-pt", "fp32")],
-                      "hf-pt:fp32")
+                group("PyTorch fp32 inference", "pt-fp32", batch,
+                      [("hf-pt", "fp32"), ("ours-pt", "fp32"), ("ours-pt-fast", "fp32")], "hf-pt:fp32")
             for batch in batches:
                 group("PyTorch bf16 inference", "pt-bf16", batch,
                       [("hf-pt", "fp32"), ("hf-pt", "bf16"), ("hf-pt", "autocast"), ("ours-pt", "bf16"),
-                       ("ours-pt", "autocast")], "hf-pt:fp32")
+                       ("ours-pt", "autocast"), ("ours-pt-fast", "bf16"), ("ours-pt-fast", "autocast")],
+                      "hf-pt:fp32")
         if "tf" in frameworks or "jax" in frameworks:
             # at batch 8 transformers' PyTorch fp32 runs in the same rounds: the cross-framework targets' reference;
             # our Keras model on JAX runs in the same rounds as on TensorFlow
             cross = [("hf-pt", "fp32")] if "hf-pt" in workers else []
             for batch in batches:
                 group("Keras/TF and Keras/JAX fp32 inference", "tf-fp32", batch,
-                      [("hf-tf", "fp32"), ("ours-keras", "fp32"), ("ours-keras-jax", "fp32")]
+                      [("hf-tf", "fp32"), ("ours-keras", "fp32"), ("ours-keras", "fp32-plain"),
+                       ("ours-keras-jax", "fp32")]
                       + (cross if batch == 8 else []), "hf-tf:fp32")
             for batch in batches:
                 group("Keras/TF and Keras/JAX bf16 inference (mixed_bfloat16)", "tf-bf16", batch,
                       [("hf-tf", "fp32"), ("hf-tf-bf16", "bf16"), ("ours-keras-bf16", "bf16"),
+                       ("ours-keras-bf16", "bf16-plain"),
                        ("ours-keras-jax-bf16", "bf16")] + (cross if batch == 8 else []), "hf-tf:fp32")
 
         if "onnx" in frameworks:
             for batch in batches:
                 # our eager PyTorch model in the same rounds: a CPU deployment's alternative to ONNX Runtime
                 group("ONNX Runtime fp32 inference (CPU provider) beside our eager PyTorch", "onnx-fp32", batch,
-                      [("hf-onnx", "fp32"), ("ours-onnx", "fp32"), ("ours-pt", "fp32")], "hf-onnx:fp32")
+                      [("hf-onnx", "fp32"), ("ours-onnx", "fp32"), ("ours-pt", "fp32"), ("ours-pt-fast", "fp32")],
+                      "hf-onnx:fp32")
 
         # real photos before the training rows (a TF training step changes the model in place until released)
         agreement = photo_agreement(workers, num_photos, workdir, log) if num_photos > 0 else {}
         training_rows = []
         if "pt" in frameworks:
             training_rows.append(("PyTorch training step (forward, backward, AdamW)", "pt-train",
-                                  [("hf-pt", "train"), ("ours-pt", "train")]
+                                  [("hf-pt", "train"), ("ours-pt", "train"), ("ours-pt-fast", "train")]
                                   + ([("ours-pt", "train-compiled")] if args.compiled_training else []),
                                   "hf-pt:train"))
         if "tf" in frameworks or "jax" in frameworks:

@@ -1,11 +1,15 @@
 """The contenders of the inference benchmark: how each is built from the shared checkpoint and how it is run.
 
     hf-pt            transformers.CvtForImageClassification (PyTorch, eager, torch.no_grad)
-    ours-pt          cvt_torch.CvtForImageClassification (PyTorch, eager, torch.no_grad)
+    ours-pt          cvt_torch.CvtForImageClassification as loaded (PyTorch, eager, torch.no_grad)
+    ours-pt-fast     the documented fast configuration of the same model: `optimize_for_inference(model)` for
+                     inference, training through `optimize_for_training(model)` (both in cvt_torch.optimize)
     hf-tf            transformers.TFCvtForImageClassification (tf_keras, call wrapped in tf.function);
                      needs TF_USE_LEGACY_KERAS=1, so it never shares a process with Keras 3
-    ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3, TensorFlow backend), `predict_on_batch` as Keras
-                     users call it
+    ours-keras       cvt_tf.TFCvtForImageClassification (Keras 3, TensorFlow backend): inference ("fp32", "bf16")
+                     through the documented speed step `cvt_tf.optimize.optimize_for_inference(model)`; the model
+                     itself as Keras users call it, `predict_on_batch`, is timed beside it ("fp32-plain",
+                     "bf16-plain"); training is the model's own `train_on_batch`
     ours-keras-jax   the same model on Keras' JAX backend (XLA-compiled predict and train steps; the worker runs
                      with KERAS_BACKEND=jax and never imports TensorFlow)
     *-bf16           the same under the mixed_bfloat16 policy (Keras processes: the policy is process-global)
@@ -32,8 +36,9 @@ from benchmarks.harness import best_rate
 
 IMAGE_SIZE = 224
 NUM_LABELS = 1000
-WORKER_KINDS = ("hf-pt", "ours-pt", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16", "ours-keras-jax",
+WORKER_KINDS = ("hf-pt", "ours-pt", "ours-pt-fast", "hf-tf", "hf-tf-bf16", "ours-keras", "ours-keras-bf16", "ours-keras-jax",
                 "ours-keras-jax-bf16", "hf-onnx", "ours-onnx")
+TORCH_KINDS = ("hf-pt", "ours-pt", "ours-pt-fast")
 JAX_KINDS = ("ours-keras-jax", "ours-keras-jax-bf16")  # workers on Keras' JAX backend
 HF_ONNX_OPSET = 17
 MATMUL_SIZE = 2048
@@ -85,12 +90,20 @@ class TorchImpl:
             from cvt_torch import CvtForImageClassification
 
             self.model = CvtForImageClassification.from_pretrained(checkpoint).eval()
+        self.fast = kind == "ours-pt-fast"
+        self.served = self._optimized(self.model) if self.fast else self.model  # what inference calls
         self._bf16 = None
         self.threads = torch.get_num_threads()
 
+    def _optimized(self, model):
+        from cvt_torch.optimize import optimize_for_inference
+
+        return optimize_for_inference(model)
+
     def _bf16_model(self):
-        if self._bf16 is None:
-            self._bf16 = copy.deepcopy(self.model).to(self.torch.bfloat16)
+        if self._bf16 is None:  # the fast one folds its BatchNorms in float32, then converts
+            copied = self._optimized(self.model) if self.fast else copy.deepcopy(self.model)
+            self._bf16 = copied.to(self.torch.bfloat16)
         return self._bf16
 
     def release(self):
@@ -100,7 +113,7 @@ class TorchImpl:
         torch = self.torch
         pixels, labels = make_inputs(batch)
         x, y = torch.from_numpy(pixels), torch.from_numpy(labels)
-        model = self.model
+        model = self.served
         if variant == "fp32":
             def run():
                 with torch.no_grad():
@@ -116,7 +129,11 @@ class TorchImpl:
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                     return model(x).logits
         elif variant in ("train", "train-compiled"):
-            trained = copy.deepcopy(model).train()
+            trained = copy.deepcopy(self.model).train()
+            if self.fast:
+                from cvt_torch.optimize import optimize_for_training
+
+                trained = optimize_for_training(trained)
             optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, weight_decay=0.01)
             # "train-compiled": the same step with the model under torch.compile (inductor), reported beside the
             # default eager path a user gets; the optimizer step stays eager in both
@@ -142,9 +159,9 @@ class TorchImpl:
                     logits = self._bf16_model()(x.to(torch.bfloat16)).logits
                 elif variant == "autocast":
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        logits = self.model(x).logits
+                        logits = self.served(x).logits
                 else:
-                    logits = self.model(x).logits
+                    logits = self.served(x).logits
             out.append(logits.float().numpy())
         return np.concatenate(out)
 
@@ -198,8 +215,11 @@ class TFImpl:
             self.keras = keras
             if self.bf16:
                 keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            from cvt_tf.optimize import optimize_for_inference
+
             self.model = TFCvtForImageClassification.from_pretrained(checkpoint)
-            self._call = self.model.predict_on_batch  # what Keras users call for a batch
+            self._call = optimize_for_inference(self.model)
+            self._plain_call = self.model.predict_on_batch  # what Keras users call for a batch
         self.threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
         self._compiled = False
         self._saved_weights = None
@@ -218,6 +238,8 @@ class TFImpl:
         pixels, labels = make_inputs(batch)
         if variant in ("fp32", "bf16"):
             return lambda: self._infer(pixels)
+        if variant in ("fp32-plain", "bf16-plain"):
+            return lambda: self._plain_call(pixels)
         if variant == "train":
             if self._saved_weights is None:
                 self._saved_weights = self.model.get_weights()
@@ -230,9 +252,10 @@ class TFImpl:
         raise ValueError(f"unknown variant {variant}")
 
     def logits(self, variant: str, pixels: np.ndarray, chunk: int = 16) -> np.ndarray:
+        infer = self._plain_call if variant.endswith("-plain") else self._infer
         out = []
         for start in range(0, len(pixels), chunk):
-            out.append(self.to_numpy(self._infer(pixels[start:start + chunk])))
+            out.append(self.to_numpy(infer(pixels[start:start + chunk])))
         return np.concatenate(out)
 
     def to_numpy(self, value) -> np.ndarray:
@@ -272,7 +295,7 @@ class KerasJaxImpl(TFImpl):
         if self.bf16:
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
         self.model = TFCvtForImageClassification.from_pretrained(checkpoint)
-        self._call = self.model.predict_on_batch
+        self._call = self._plain_call = self.model.predict_on_batch  # XLA fuses the plain layers itself
         self.threads = "default"
         self._compiled = False
         self._saved_weights = None
@@ -374,4 +397,4 @@ def build(kind: str, checkpoint: str, threads: Optional[int]):
         return OnnxImpl(kind, checkpoint, threads)
     if kind in JAX_KINDS:
         return KerasJaxImpl(kind, checkpoint, threads)
-    return TorchImpl(kind, checkpoint, threads) if kind.endswith("-pt") else TFImpl(kind, checkpoint, threads)
+    return TorchImpl(kind, checkpoint, threads) if kind in TORCH_KINDS else TFImpl(kind, checkpoint, threads)

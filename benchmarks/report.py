@@ -16,14 +16,16 @@ from cvt_core.macs import MATMUL_KINDS
 
 
 TARGETS = [
-    # (id, description, section, batch, ours, reference, minimum ratio); ours and the reference run in the same rows
-    ("pt-fp32-b8", "PyTorch fp32 inference, batch 8", "pt-fp32", 8, "ours-pt:fp32", "hf-pt:fp32", 1.5),
-    ("pt-fp32-b1", "PyTorch fp32 latency, batch 1 (no worse)", "pt-fp32", 1, "ours-pt:fp32", "hf-pt:fp32", 1.0),
-    ("pt-bf16-b8", "PyTorch bf16 (model.to(bfloat16)) vs transformers fp32, batch 8", "pt-bf16", 8, "ours-pt:bf16",
-     "hf-pt:fp32", 3.0),
-    ("pt-autocast-b8", "PyTorch bf16 (autocast) vs transformers fp32, batch 8", "pt-bf16", 8, "ours-pt:autocast",
-     "hf-pt:fp32", 3.0),
-    ("pt-train", "PyTorch training step", "pt-train", None, "ours-pt:train", "hf-pt:train", 1.3),
+    # (id, description, section, batch, ours, reference, minimum ratio); ours and the reference run in the same rows.
+    # The PyTorch targets are judged on the documented fast configuration (`ours-pt-fast`: optimize_for_inference,
+    # optimize_for_training); the model as loaded (`ours-pt`) is reported beside it without a target.
+    ("pt-fp32-b8", "PyTorch fp32 inference, batch 8", "pt-fp32", 8, "ours-pt-fast:fp32", "hf-pt:fp32", 1.5),
+    ("pt-fp32-b1", "PyTorch fp32 latency, batch 1 (no worse)", "pt-fp32", 1, "ours-pt-fast:fp32", "hf-pt:fp32", 1.0),
+    ("pt-bf16-b8", "PyTorch bf16 (model.to(bfloat16)) vs transformers fp32, batch 8", "pt-bf16", 8,
+     "ours-pt-fast:bf16", "hf-pt:fp32", 3.0),
+    ("pt-autocast-b8", "PyTorch bf16 (autocast) vs transformers fp32, batch 8", "pt-bf16", 8,
+     "ours-pt-fast:autocast", "hf-pt:fp32", 3.0),
+    ("pt-train", "PyTorch training step", "pt-train", None, "ours-pt-fast:train", "hf-pt:train", 1.3),
     ("tf-fp32-b8", "Keras/TF fp32 inference, batch 8", "tf-fp32", 8, "ours-keras:fp32", "hf-tf:fp32", 2.5),
     ("tf-fp32-b8-vs-pt", "Keras fp32 vs transformers PyTorch fp32, batch 8", "tf-fp32", 8,
      "ours-keras:fp32", "hf-pt:fp32", 1.0),
@@ -34,7 +36,7 @@ TARGETS = [
     ("onnx-fp32-b8", "ONNX Runtime: our model.onnx vs transformers' ONNX export, batch 8", "onnx-fp32", 8,
      "ours-onnx:fp32", "hf-onnx:fp32", 1.3),
     ("pt-fp32-b8-vs-ort", "PyTorch fp32 eager vs ONNX Runtime on transformers' ONNX export, batch 8", "onnx-fp32", 8,
-     "ours-pt:fp32", "hf-onnx:fp32", 1.2),
+     "ours-pt-fast:fp32", "hf-onnx:fp32", 1.2),
 ]
 
 
@@ -42,9 +44,11 @@ ONNX_MATMUL = "onnxruntime MatMul fp32"
 
 # For the ceiling of a missed target: the measured matmul peaks (fp32, bf16) of the runtime each of our candidates
 # runs its matrix products on, and whether its inference forward runs the last block for the cls token alone (the
-# PyTorch classifier does, and so does its ONNX export; the Keras model runs every token).
+# optimised PyTorch classifier does, and so does its ONNX export; the model as loaded and the Keras model run every
+# token).
 OURS_MATMUL_RUNTIMES = {
-    "ours-pt": ("oneDNN fp32 matmul", "torch.matmul bf16 (oneDNN)", True),
+    "ours-pt": ("torch.matmul fp32 (MKL sgemm)", "torch.matmul bf16 (oneDNN)", False),
+    "ours-pt-fast": ("oneDNN fp32 matmul", "torch.matmul bf16 (oneDNN)", True),
     "ours-onnx": (ONNX_MATMUL, None, True),
     "ours-keras": ("tf.matmul fp32", "tf.matmul bf16", False),
     "ours-keras-jax": ("jax matmul fp32 (XLA)", "jax matmul bf16 (XLA)", False),
@@ -54,8 +58,10 @@ OURS_MATMUL_RUNTIMES = {
 # Judged on the retrieval head, whose classes (the photos) mean something with random weights; the random
 # 1000-class head's agreement is reported beside it, with transformers' figure in the same precision for scale.
 AGREEMENT_TARGETS = [
-    ("pt-bf16-agreement", "PyTorch model.to(bfloat16) top-1 agreement with fp32", "ours-pt:bf16", "hf-pt:bf16"),
-    ("pt-autocast-agreement", "PyTorch autocast top-1 agreement with fp32", "ours-pt:autocast", "hf-pt:autocast"),
+    ("pt-bf16-agreement", "PyTorch model.to(bfloat16) top-1 agreement with fp32", "ours-pt-fast:bf16",
+     "hf-pt:bf16"),
+    ("pt-autocast-agreement", "PyTorch autocast top-1 agreement with fp32", "ours-pt-fast:autocast",
+     "hf-pt:autocast"),
     ("tf-bf16-agreement", "Keras mixed_bfloat16 top-1 agreement with fp32", "ours-keras-bf16:bf16",
      "hf-tf-bf16:bf16"),
 ]
