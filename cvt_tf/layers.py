@@ -262,3 +262,8 @@ class CeilModeAveragePooling2D(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides, "padding": self.padding}
+
+
+def block_name(index: int) -> str:
+    """The Keras layer name of a stage's block `index` (transformers' `layers.<index>`, "." being "_")."""
+    return f"layers_{index}"

@@ -41,8 +41,8 @@ from cvt_core.weights import check_weight_value, weight_table
 
 from . import keras_weights
 from .backend import JAX, TF, MultiWorkerFitFixes, empty_batch_guard, jax_compiled_inference
-from .layers import (CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization, sublayers,
-                     truncated_normal)
+from .layers import (CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization, block_name,
+                     sublayers, truncated_normal)
 from .losses import classification_loss
 from .training import ClassifierFitHooks
 
@@ -440,11 +440,6 @@ class TFCvtLayer(keras.layers.Layer):
                                        training=training)
         hidden_state = hidden_state + self.drop_path(mlp_output, training=training)
         return hidden_state, attention_probs
-
-
-def block_name(index: int) -> str:
-    """The Keras layer name of a stage's block `index` (transformers' `layers.<index>`, "." being "_")."""
-    return f"layers_{index}"
 
 
 class TFCvtStage(keras.layers.Layer):

@@ -44,7 +44,7 @@ from cvt_core.outputs import CvtImageClassifierOutput
 from cvt_core.training import FitResult, check_fit_arguments, training_schedule
 
 from .backend import BACKEND, JAX, TF, tensorflow
-from .layers import TorchBatchNormalization, sublayers
+from .layers import TorchBatchNormalization, block_name, sublayers
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -207,8 +207,6 @@ def block_remat_scope(config: CvtConfig) -> keras.RematScope:
         with block_remat_scope(config):
             model = TFCvtForImageClassification(config)
     """
-    from .modeling_cvt import block_name
-
     names = sorted({block_name(index) for depth in config.depth for index in range(depth)})
     return keras.RematScope(mode="list_of_layers", layer_names=names)
 
