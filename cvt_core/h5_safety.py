@@ -481,25 +481,32 @@ def check_keras_weights_path(path: str) -> None:
         check_h5_file(path, TF_KIND)
 
 
-def keras_shard_paths(path: str, listed_only: bool = False) -> List[str]:
-    """The shards of the sharded Keras weights index `path`: each file its `weight_map` names (a plain
-    `.weights.h5` file name in the index's folder, else a one-line `CheckpointError`) and, unless `listed_only`,
-    every `<base>_NNNNN.weights.h5` beside it, which Keras opens by name."""
+def keras_shard_index(path: str) -> Dict[str, List[str]]:
+    """The `weight_map` of the sharded Keras weights index `path`: {layer path: the shard file names Keras reads
+    it from, the first one first}; each a plain `.weights.h5` file name, else a one-line `CheckpointError`."""
     from .untrusted import load_json_file
 
     index = load_json_file(path, "sharded Keras weights index", max_bytes=Limits.JSON_BYTES)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: not a sharded Keras weights index (needs a 'weight_map' object)")
-    folder = os.path.dirname(path) or "."
-    names = set()
-    for value in weight_map.values():
-        for name in value if isinstance(value, list) else [value]:
+    shards = {}
+    for layer, value in weight_map.items():
+        shards[layer] = value if isinstance(value, list) else [value]
+        for name in shards[layer]:
             if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
                     or "\0" in name or not name.endswith(".weights.h5")):
                 raise CheckpointError(f"{path}: refusing shard {_shown(name)}: a shard must be a plain "
                                       f".weights.h5 file name in the index's folder")
-            names.add(name)
+    return shards
+
+
+def keras_shard_paths(path: str, listed_only: bool = False) -> List[str]:
+    """The shards of the sharded Keras weights index `path`: each file its `weight_map` names (a plain
+    `.weights.h5` file name in the index's folder, else a one-line `CheckpointError`) and, unless `listed_only`,
+    every `<base>_NNNNN.weights.h5` beside it, which Keras opens by name."""
+    names = {name for listed in keras_shard_index(path).values() for name in listed}
+    folder = os.path.dirname(path) or "."
     base = os.path.basename(path)[: -len(".weights.json")]
     if not listed_only:
         names.update(n for n in os.listdir(folder) if n.startswith(base + "_") and n.endswith(".weights.h5"))

@@ -77,24 +77,29 @@ def empty_batch_guard(images):
     return None if size is not None and size > 0 else _EmptyBatchGuard(images)
 
 
-def jax_compiled_inference(layer, inputs):
-    """`layer(inputs, training=False)` on JAX as one `jax.jit` function of the layer's current variable values and
-    `inputs` (one compile per input shape and dtype), or None where that does not apply: another backend, an
-    unbuilt layer, or inputs that are tracers (inside Keras' own compiled steps and shape inference). The values
-    are passed on every call, so the function always sees the current weights."""
+def jax_compiled_inference(layer, inputs, **options):
+    """`layer(inputs, training=False, **options)` on JAX as one `jax.jit` function of the layer's current variable
+    values and `inputs` (one compile per input shape, dtype and set of `options`, which must be hashable), or None
+    where that does not apply: another backend, an unbuilt layer, or inputs that are tracers (inside Keras' own
+    compiled steps and shape inference). The values are passed on every call, so the function always sees the
+    current weights."""
     if not (JAX and layer.built):
         return None
     import jax
 
     if isinstance(inputs, jax.core.Tracer):
         return None
-    function = layer.__dict__.get("_jax_compiled_inference")
+    functions = layer.__dict__.get("_jax_compiled_inference")
+    if functions is None:
+        functions = {}
+        object.__setattr__(layer, "_jax_compiled_inference", functions)  # a plain attribute, not tracked by Keras
+    key = tuple(sorted(options.items()))
+    function = functions.get(key)
     if function is None:
         def run(trainable, non_trainable, values):
-            return layer.stateless_call(trainable, non_trainable, values, training=False)[0]
+            return layer.stateless_call(trainable, non_trainable, values, training=False, **options)[0]
 
-        function = jax.jit(run)
-        object.__setattr__(layer, "_jax_compiled_inference", function)  # a plain attribute, not tracked by Keras
+        function = functions[key] = jax.jit(run)
     return function([v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables],
                     inputs)
 

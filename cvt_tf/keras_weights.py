@@ -22,6 +22,9 @@ Where the checks run:
   walk ends, having read the model's layers' datasets through its own checks; so for a file from a stranger call
   `cvt_core.h5_safety.check_keras_weights_path(path)` first, as `cvt convert` does.
 
+A `.keras` file's config.json is untrusted too: the model's `dtype` entry is deserialised only when it is a dtype
+policy (`dtype_policy_from_config`), so it cannot make Keras build another object.
+
 What a model writes (`file_layout`) comes from Keras' public `save_own_variables` of each layer, at the path
 Keras' saving gives the layer: attribute names from the model down, a list's items named after their class in
 snake case, numbered from the second one of a class (`stages/tf_cvt_stage`, `stages/tf_cvt_stage_1`, ...).
@@ -43,11 +46,11 @@ import keras
 
 from cvt_core.errors import CheckpointError
 from cvt_core.h5_safety import (KERAS_KIND, check_h5, check_keras_archive, check_keras_weights_path,
-                                keras_shard_paths, open_h5)
+                                keras_shard_index, keras_shard_paths, open_h5)
 from cvt_core.untrusted import open_regular_file
 from cvt_core.weights import WeightLoadError
 
-from .layers import public_attributes
+from .layers import public_attributes, sublayers
 
 
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights file inside a .keras archive
@@ -161,10 +164,30 @@ def _path_layout(path: str) -> Layout:
     else:
         return {}
     layout: Layout = {}
+    holders: Dict[str, str] = {}
     for shard in shards:
         with open_h5(shard, KERAS_KIND) as checked:
-            layout.update(_file_layout(checked.file, shard))
+            for variable, facts in _file_layout(checked.file, shard).items():
+                if variable in holders:
+                    raise CheckpointError(f"{path}: variable {variable} is stored in two shards "
+                                          f"({os.path.basename(holders[variable])} and {os.path.basename(shard)}); "
+                                          f"a sharded index stores each variable once")
+                holders[variable], layout[variable] = shard, facts
+    if path.endswith(".weights.json"):
+        _check_shard_map(path, holders)
     return layout
+
+
+def _check_shard_map(path: str, holders: Dict[str, str]) -> None:
+    """Keras reads a layer's variables from the first shard the index names for it: that must be the shard that
+    holds them, or what was checked would not be what Keras reads."""
+    weight_map = keras_shard_index(path)
+    for variable, shard in holders.items():
+        layer = variable.rsplit("/vars/", 1)[0] if "/vars/" in variable else ""
+        named = weight_map.get(layer or "/vars") or weight_map.get(f"/{layer}/vars")
+        if named and named[0] != os.path.basename(shard):
+            raise CheckpointError(f"{path}: the index names shard {named[0]} for layer {layer or '(top)'}, whose "
+                                  f"variables are in {os.path.basename(shard)}")
 
 
 def _store_layout(store) -> Tuple[Layout, str]:
@@ -225,21 +248,61 @@ def _differences(expected: Layout, described: Dict[str, str], stored: Layout):
     return missing, unexpected, mismatched, bad_dtype
 
 
-def compare(model: keras.Model, stored: Layout, source: str, nested: bool) -> Optional[KerasWeightsMismatchError]:
+def compare(model: keras.Model, stored: Layout, source: str, nested: bool,
+            at: Optional[str] = None) -> Optional[KerasWeightsMismatchError]:
     """The error listing how the file's variables differ from the model's, or None when they match. `nested`:
-    the model may sit anywhere in the file (a load Keras drives for an enclosing model); it matches when any place
-    that holds a CvT matches, and is reported against the closest one."""
+    a load Keras drives for an enclosing model, the model's variables being below `at` in the file; where that
+    path is not known or holds nothing, every place in the file that holds a CvT must match."""
     expected, described = file_layout(model)
     tops = {path.split("/")[0] for path in expected} if nested else None
-    prefixes = _model_prefixes(stored) if nested else [""]
-    best = None
-    for prefix in prefixes or [""]:
+    if nested and at is not None and not _below(stored, at.strip("/"), tops):
+        at = None  # nothing there: Keras retries a refused model at another of its paths (its `layers` list)
+    if not nested:
+        prefixes = [""]
+    else:
+        prefixes = [at.strip("/")] if at is not None else (_model_prefixes(stored) or [""])
+    for prefix in prefixes:
         found = _differences(expected, described, _below(stored, prefix, tops))
-        if not any(found):
-            return None
-        if best is None or sum(map(len, found)) < sum(map(len, best)):
-            best = found
-    return KerasWeightsMismatchError(source, *best)
+        if any(found):
+            return KerasWeightsMismatchError(source, *found)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ dtype policies
+_POLICY_MODULES = ("keras", "keras.dtype_policies")
+# `shared_object_id`: Keras numbers an object serialised more than once (a policy shared by nested models)
+_POLICY_KEYS = {"module", "class_name", "config", "registered_name", "shared_object_id"}
+
+
+def _check_policy_config(value, where: str) -> None:
+    if value is None or isinstance(value, str):
+        return
+    described = (f"{value.get('module')}.{value.get('class_name')}"[:80] if isinstance(value, dict)
+                 else type(value).__name__)
+    refusal = f"{where}: {described} is not a Keras dtype policy (a name or a serialised DTypePolicy)"
+    if (not isinstance(value, dict) or set(value) - _POLICY_KEYS
+            or not isinstance(value.get("shared_object_id", 0), int)):
+        raise ValueError(refusal)
+    class_name, config = value.get("class_name"), value.get("config")
+    known = getattr(keras.dtype_policies, str(class_name), None)
+    if (value.get("module") not in _POLICY_MODULES or not str(class_name).endswith(("DTypePolicy", "DTypePolicyMap"))
+            or not isinstance(known, type) or not isinstance(config, dict) or value.get("registered_name") is not None):
+        raise ValueError(refusal)
+    if class_name == "DTypePolicyMap":
+        if set(config) - {"default_policy", "policy_map"} or not isinstance(config.get("policy_map", {}), dict):
+            raise ValueError(f"{refusal}: a DTypePolicyMap holds only default_policy and policy_map")
+        _check_policy_config(config.get("default_policy"), where)
+        for path, policy in config.get("policy_map", {}).items():
+            _check_policy_config(policy, f"{where} [{path!r:.60}]")
+    elif not all(isinstance(v, (str, int, float, bool, type(None))) for v in config.values()):
+        raise ValueError(f"{refusal}: its config holds only names and numbers")
+
+
+def dtype_policy_from_config(value):
+    """A model's `dtype` as `get_config` wrote it (a policy name, or Keras' serialised `DTypePolicy`,
+    `DTypePolicyMap` or quantized policy), deserialised; anything else raises ValueError before Keras builds it."""
+    _check_policy_config(value, "the model's dtype")
+    return keras.saving.deserialize_keras_object(value) if isinstance(value, dict) else value
 
 
 # ------------------------------------------------------------------------------------------------ the entry points
@@ -248,6 +311,7 @@ def checked_load(model: keras.Model, filepath, skip_mismatch: bool = False):
     """Around Keras' `load_weights(filepath)` of our model: the walk and the comparison first (see the module);
     inside the block the model's `load_own_variables` does not check the same file again."""
     path = os.fspath(filepath)
+    _release_layers(model)
     stored = _path_layout(path)
     if stored or path.endswith((".weights.h5", ".weights.json", ".keras")):
         error = compare(model, stored, path, nested=False)
@@ -262,14 +326,49 @@ def checked_load(model: keras.Model, filepath, skip_mismatch: bool = False):
         object.__setattr__(model, "_cvt_file_checked", False)
 
 
+def _store_entry_path(store) -> Optional[str]:
+    """Where in the file Keras reads the model's variables: the path it handed to the store's `get`, which Keras'
+    H5 stores (3.10 to 3.15.1) keep as `_h5_entry_path` and earlier H5Entry objects as `path` (a str). None when
+    this Keras keeps it elsewhere; the comparison then holds every CvT in the file to the model."""
+    for attribute in ("_h5_entry_path", "path"):
+        value = getattr(store, attribute, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _keep_values(store) -> None:
+    """A layer's `load_own_variables` while its model refused the file Keras is loading: the layer keeps its
+    values."""
+
+
+def _hold_layers(model: keras.Model) -> None:
+    """After our model refused a file, Keras still visits its layers (and, with skip_mismatch, only warns): each
+    layer keeps its values instead of taking the refused file's, until the model's next load."""
+    for layer in sublayers(model):
+        object.__setattr__(layer, "load_own_variables", _keep_values)  # on the instance, not the class
+
+
+def _release_layers(model: keras.Model) -> None:
+    for layer in sublayers(model):
+        layer.__dict__.pop("load_own_variables", None)
+
+
 def check_store(model: keras.Model, store) -> None:
-    """In our model's `load_own_variables`: the walk and the comparison of the file behind Keras' store (see the
-    module), unless `checked_load` already checked it."""
+    """In our model's `load_own_variables`: the walk and the comparison of the file behind Keras' store below the
+    path Keras reads the model from (see the module), unless `checked_load` already checked it. A refusal holds
+    the model's layers at their values (`_hold_layers`)."""
+    _release_layers(model)
     if model.__dict__.get("_cvt_file_checked"):
         return
-    stored, source = _store_layout(store)
-    error = compare(model, stored, source, nested=True)
+    try:
+        stored, source = _store_layout(store)
+        error = compare(model, stored, source, nested=True, at=_store_entry_path(store))
+    except Exception:
+        _hold_layers(model)
+        raise
     if error is not None:
+        _hold_layers(model)
         raise error
 
 

@@ -175,17 +175,18 @@ class TFCvtDropPath(keras.layers.Layer):
         self.drop_prob = float(drop_prob)
         self.seed_generator = keras.random.SeedGenerator(seed) if self.drop_prob > 0.0 else None
 
-    def call(self, branch, training=False):
+    def call(self, hidden_state, training=False):
         if not training or self.drop_prob == 0.0:
-            return branch
+            return hidden_state
         keep = 1.0 - self.drop_prob
-        mask_shape = [ops.shape(branch)[0]] + [1] * (len(branch.shape) - 1)
-        uniform = keras.random.uniform(mask_shape, dtype=branch.dtype, seed=self.seed_generator)
-        return branch / keep * ops.floor(keep + uniform)
+        mask_shape = [ops.shape(hidden_state)[0]] + [1] * (len(hidden_state.shape) - 1)
+        uniform = keras.random.uniform(mask_shape, dtype=hidden_state.dtype, seed=self.seed_generator)
+        return hidden_state / keep * ops.floor(keep + uniform)
 
 
 class TFCvtConvEmbeddings(keras.layers.Layer):
-    """Convolutional token embedding: padded strided Conv2D, then LayerNorm over channels. NHWC in and out."""
+    """Convolutional token embedding: padded strided Conv2D, then LayerNorm over channels. NHWC grid in,
+    (tokens (B, H'*W', C), H', W') out."""
 
     def __init__(self, config: CvtConfig, stage: int, **kwargs):
         super().__init__(**kwargs)
@@ -206,7 +207,9 @@ class TFCvtConvEmbeddings(keras.layers.Layer):
         self.normalization.build((None, None, None, self.embed_dim))
 
     def call(self, pixel_values):
-        return self.normalization(self.projection(self.padding(pixel_values)))
+        grid = self.projection(self.padding(pixel_values))
+        batch, height, width, channels = ops.shape(grid)
+        return self.normalization(ops.reshape(grid, (batch, height * width, channels))), height, width
 
 
 class TFCvtEmbeddings(keras.layers.Layer):
@@ -223,10 +226,9 @@ class TFCvtEmbeddings(keras.layers.Layer):
         self.convolution_embeddings.build(input_shape)
 
     def call(self, pixel_values, cls_token=None, training=False):
-        grid = self.convolution_embeddings(pixel_values)
-        batch, height, width, channels = ops.shape(grid)
-        tokens = ops.reshape(grid, (batch, height * width, channels))
+        tokens, height, width = self.convolution_embeddings(pixel_values)
         if cls_token is not None:
+            batch = ops.shape(tokens)[0]
             tokens = ops.concatenate([ops.tile(ops.cast(cls_token, tokens.dtype), [batch, 1, 1]), tokens], axis=1)
         return self.dropout(tokens, training=training), height, width
 
@@ -323,7 +325,8 @@ class TFCvtSelfAttention(keras.layers.Layer):
         tokens = ops.reshape(tokens, (batch, length, self.num_heads, self.head_dim))
         return ops.transpose(tokens, (0, 2, 1, 3))
 
-    def call(self, hidden_state, height, width, training=False):
+    def call(self, hidden_state, height, width, output_attentions=False, training=False):
+        """Returns (context (B, T, C), attention probabilities (B, heads, T, T_kv) or None)."""
         if self.with_cls_token:
             cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
         batch, _, channels = ops.shape(hidden_state)
@@ -342,7 +345,7 @@ class TFCvtSelfAttention(keras.layers.Layer):
         context = ops.matmul(self.dropout(attention_probs, training=training), value)
         context = ops.transpose(context, (0, 2, 1, 3))
         context = ops.reshape(context, (batch, ops.shape(context)[1], self.embed_dim))
-        return context, attention_probs
+        return context, attention_probs if output_attentions else None
 
 
 class TFCvtSelfOutput(keras.layers.Layer):
@@ -374,8 +377,9 @@ class TFCvtAttention(keras.layers.Layer):
         self.attention.build(input_shape)
         self.dense_output.build(input_shape)
 
-    def call(self, hidden_state, height, width, training=False):
-        context, attention_probs = self.attention(hidden_state, height=height, width=width, training=training)
+    def call(self, hidden_state, height, width, output_attentions=False, training=False):
+        context, attention_probs = self.attention(hidden_state, height=height, width=width,
+                                                  output_attentions=output_attentions, training=training)
         return self.dense_output(context, training=training), attention_probs
 
 
@@ -432,14 +436,24 @@ class TFCvtLayer(keras.layers.Layer):
                       self.layernorm_after):
             layer.build(tokens)
 
-    def call(self, hidden_state, height, width, training=False):
+    def call(self, hidden_state, height, width, output_attentions=False, training=False):
+        """Returns (tokens, attention probabilities or None)."""
         attention_output, attention_probs = self.attention(
-            self.layernorm_before(hidden_state), height=height, width=width, training=training)
+            self.layernorm_before(hidden_state), height=height, width=width, output_attentions=output_attentions,
+            training=training)
         hidden_state = hidden_state + self.drop_path(attention_output, training=training)
         mlp_output = self.dense_output(self.intermediate(self.layernorm_after(hidden_state), training=training),
                                        training=training)
         hidden_state = hidden_state + self.drop_path(mlp_output, training=training)
         return hidden_state, attention_probs
+
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Keras' hook for rematerialisation (`cvt_tf.training.block_remat_scope`): `keras.remat` recomputes
+        tensors, so the None of attention probabilities not asked for is added back outside it."""
+        if kwargs.get("output_attentions"):
+            return super().rematerialized_call(layer_call, *args, **kwargs)
+        tokens_only = super().rematerialized_call(lambda *a, **k: layer_call(*a, **k)[0], *args, **kwargs)
+        return lambda *a, **k: (tokens_only(*a, **k), None)
 
 
 class TFCvtStage(keras.layers.Layer):
@@ -466,12 +480,16 @@ class TFCvtStage(keras.layers.Layer):
         for block in self.blocks:
             block.build((None, None, self.embed_dim))
 
-    def call(self, hidden_state, training=False):
+    def call(self, hidden_state, output_attentions=False, training=False):
+        """The previous grid (B, H, W, C_in) -> (grid (B, H', W', C), cls token (B, 1, C) or None, a tuple of the
+        blocks' attention probabilities, empty unless asked)."""
         tokens, height, width = self.embedding(hidden_state, cls_token=self.cls_token, training=training)
         attentions = []
         for block in self.blocks:
-            tokens, attention_probs = block(tokens, height=height, width=width, training=training)
-            attentions.append(attention_probs)
+            tokens, attention_probs = block(tokens, height=height, width=width, output_attentions=output_attentions,
+                                            training=training)
+            if output_attentions:
+                attentions.append(attention_probs)
         cls_token = None
         if self.with_cls_token:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
@@ -480,7 +498,7 @@ class TFCvtStage(keras.layers.Layer):
 
 
 class TFCvtEncoder(keras.layers.Layer):
-    """All stages in order; NHWC in, (last NHWC grid, cls token or None, per-stage NHWC grids, attentions) out."""
+    """All stages in order: NHWC pixels in, a `CvtModelOutput` of NHWC grids out."""
 
     def __init__(self, config: CvtConfig, **kwargs):
         super().__init__(**kwargs)
@@ -491,14 +509,17 @@ class TFCvtEncoder(keras.layers.Layer):
         for stage in self.stages:
             stage.build(None)
 
-    def call(self, hidden_state, training=False):
-        cls_token = None
+    def call(self, pixel_values, output_hidden_states=False, output_attentions=False, training=False):
+        hidden_state, cls_token = pixel_values, None
         hidden_states, attentions = [], []
         for stage in self.stages:
-            hidden_state, cls_token, stage_attentions = stage(hidden_state, training=training)
+            hidden_state, cls_token, stage_attentions = stage(hidden_state, output_attentions=output_attentions,
+                                                              training=training)
             hidden_states.append(hidden_state)
             attentions.extend(stage_attentions)
-        return hidden_state, cls_token, tuple(hidden_states), tuple(attentions)
+        return CvtModelOutput(last_hidden_state=hidden_state, cls_token_value=cls_token,
+                              hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                              attentions=tuple(attentions) if output_attentions else None)
 
 
 class TFCvtMainLayer(keras.layers.Layer):
@@ -524,17 +545,18 @@ class TFCvtMainLayer(keras.layers.Layer):
         guard = None if training else empty_batch_guard(hidden_state)
         if guard is not None:
             hidden_state = guard.input
-        outputs = None if training else jax_compiled_inference(self.encoder, hidden_state)
+        flags = dict(output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+        outputs = None if training else jax_compiled_inference(self.encoder, hidden_state, **flags)
         if outputs is None:
-            outputs = self.encoder(hidden_state, training=training)
+            outputs = self.encoder(hidden_state, training=training, **flags)
         if guard is not None:
             outputs = keras.tree.map_structure(guard.restore, outputs)
-        last, cls_token, hidden_states, attentions = outputs
+        hidden_states = outputs.hidden_states
         return CvtModelOutput(
-            last_hidden_state=self._to_output_layout(last),
-            cls_token_value=cls_token,
-            hidden_states=tuple(self._to_output_layout(h) for h in hidden_states) if output_hidden_states else None,
-            attentions=attentions if output_attentions else None,
+            last_hidden_state=self._to_output_layout(outputs.last_hidden_state),
+            cls_token_value=outputs.cls_token_value,
+            hidden_states=None if hidden_states is None else tuple(self._to_output_layout(h) for h in hidden_states),
+            attentions=outputs.attentions,
         )
 
 
@@ -613,8 +635,7 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
         cvt_config = config.pop("config")
         if isinstance(cvt_config, dict):
             cvt_config = CvtConfig.from_dict(cvt_config)
-        if isinstance(config.get("dtype"), dict):
-            config["dtype"] = keras.saving.deserialize_keras_object(config["dtype"])
+        config["dtype"] = keras_weights.dtype_policy_from_config(config.get("dtype"))
         return cls(cvt_config, **config)
 
     def predict(self, x, *args, **kwargs):

@@ -30,7 +30,7 @@ import keras
 
 from .backend import TF
 from .layers import sublayers
-from .modeling_cvt import TFCvtForImageClassification, TFCvtPreTrainedModel, validate_pixel_values
+from .modeling_cvt import TFCvtBackbone, TFCvtForImageClassification, TFCvtPreTrainedModel, validate_pixel_values
 
 if TF:
     import tensorflow as tf
@@ -40,6 +40,9 @@ def optimize_for_inference(model: TFCvtPreTrainedModel) -> Callable:
     """A function of `pixel_values` (the model's data format, any batch and size) returning what the model returns
     in inference: the logits of `TFCvtForImageClassification` (float32), the last hidden state of `TFCvtModel`
     (in the model's data format; float32). Builds the model if needed."""
+    if isinstance(model, TFCvtBackbone):
+        raise TypeError("optimize_for_inference takes TFCvtForImageClassification or TFCvtModel; a TFCvtBackbone's "
+                        "feature maps come from calling the model itself")
     if not model.built:
         model.build_with_dummy_input()
     quantized = [layer.name for layer in sublayers(model) if layer.quantization_mode is not None]

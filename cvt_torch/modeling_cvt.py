@@ -82,8 +82,8 @@ class CvtDropPath(nn.Module):
         super().__init__()
         self.drop_prob = float(drop_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_state, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:g}"
@@ -155,8 +155,8 @@ class CvtSelfAttentionConvProjection(nn.Module):
         )
         self.normalization = nn.BatchNorm2d(embed_dim, eps=BATCH_NORM_EPS, momentum=BATCH_NORM_MOMENTUM)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.normalization(self.convolution(grid))
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.normalization(self.convolution(hidden_state))
 
 
 class CvtSelfAttentionProjection(nn.Module):
@@ -180,8 +180,8 @@ class CvtSelfAttentionProjection(nn.Module):
             raise ValueError(f"qkv_projection_method={projection.method!r} is unknown; choose 'dw_bn', 'avg' or "
                              f"'linear'")
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return grid_to_tokens(self.convolution_projection(grid))
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return grid_to_tokens(self.convolution_projection(hidden_state))
 
 
 class CvtSelfAttention(nn.Module):
@@ -209,11 +209,11 @@ class CvtSelfAttention(nn.Module):
         self.projection_value = nn.Linear(self.embed_dim, self.embed_dim, bias=bias)
         self.dropout = nn.Dropout(config.attention_drop_rate[stage])
 
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False):
         """Returns (context (B, T, C), attention probabilities (B, heads, T, T_kv) or None)."""
         if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        grid = tokens_to_grid(tokens, height, width)
+            cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
+        grid = tokens_to_grid(hidden_state, height, width)
         query = self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
         value = self.convolution_projection_value(grid)
@@ -240,8 +240,8 @@ class CvtSelfOutput(nn.Module):
         self.dense = nn.Linear(config.embed_dim[stage], config.embed_dim[stage])
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden))
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_state))
 
 
 class CvtAttention(nn.Module):
@@ -250,8 +250,8 @@ class CvtAttention(nn.Module):
         self.attention = CvtSelfAttention(config, stage)
         self.output = CvtSelfOutput(config, stage)
 
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
-        context, probs = self.attention(tokens, height, width, output_attentions)
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False):
+        context, probs = self.attention(hidden_state, height, width, output_attentions)
         return self.output(context), probs
 
 
@@ -265,8 +265,8 @@ class CvtIntermediate(nn.Module):
         self.activation = make_activation(config.hidden_act)
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.activation(self.dense(hidden)))
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.activation(self.dense(hidden_state)))
 
 
 class CvtOutput(nn.Module):
@@ -277,8 +277,8 @@ class CvtOutput(nn.Module):
         self.dense = nn.Linear(config.mlp_hidden_dim(stage), config.embed_dim[stage])
         self.dropout = nn.Dropout(config.drop_rate[stage])
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense(hidden))
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_state))
 
 
 class CvtLayer(nn.Module):
@@ -294,12 +294,13 @@ class CvtLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(config.embed_dim[stage], eps=LAYER_NORM_EPS)
 
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False):
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False):
         """Returns (tokens, attention probabilities or None)."""
-        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions)
-        tokens = tokens + self.drop_path(attention_output)
-        mlp_output = self.output(self.intermediate(self.layernorm_after(tokens)))
-        return tokens + self.drop_path(mlp_output), probs
+        attention_output, probs = self.attention(self.layernorm_before(hidden_state), height, width,
+                                                 output_attentions)
+        hidden_state = hidden_state + self.drop_path(attention_output)
+        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_state)))
+        return hidden_state + self.drop_path(mlp_output), probs
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -321,9 +322,10 @@ class CvtStage(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_options = {"use_reentrant": False}
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False):
-        """Returns (grid (B, C, H', W'), cls token (B, 1, C) or None, attention probabilities per layer)."""
-        tokens, height, width = self.embedding(pixel_values, self.cls_token if self.with_cls_token else None)
+    def forward(self, hidden_state: torch.Tensor, output_attentions: bool = False):
+        """The previous grid (B, C_in, H, W) -> (grid (B, C, H', W'), cls token (B, 1, C) or None, a tuple of the
+        layers' attention probabilities, empty unless asked)."""
+        tokens, height, width = self.embedding(hidden_state, self.cls_token if self.with_cls_token else None)
         attentions: List[torch.Tensor] = []
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -337,7 +339,7 @@ class CvtStage(nn.Module):
         cls_token = None
         if self.with_cls_token:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        return tokens_to_grid(tokens, height, width), cls_token, attentions
+        return tokens_to_grid(tokens, height, width), cls_token, tuple(attentions)
 
 
 class CvtEncoder(nn.Module):

@@ -104,6 +104,13 @@ def onednn_serves(x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
+def _refuse_autograd(*tensors: Optional[torch.Tensor]) -> None:
+    """The inference kernels have no backward: refuse where autograd would record them (a submodule of an optimised
+    copy called on an input that requires grad), instead of returning a result whose gradient is wrong."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(REFUSED_GRADIENTS)
+
+
 def _inference_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """(x, weight, bias) as oneDNN computes them without autograd: in the autocast dtype under CPU autocast, else as
     they are; None where oneDNN does not serve that dtype or the dtypes differ."""
@@ -121,6 +128,7 @@ def _inference_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear's result without autograd: oneDNN in float32 or bfloat16 (under CPU autocast in the autocast dtype,
     as F.linear would) where it serves, else F.linear."""
+    _refuse_autograd(x, weight, bias)
     operands = _inference_operands(x, weight, bias) if onednn_serves(x) else None
     if operands is None:
         return F.linear(x, weight, bias)
@@ -130,6 +138,7 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def inference_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.gelu(F.linear(x, weight, bias)) (exact GELU) without autograd: one oneDNN matmul with the GELU in its
     epilogue, which saves a pass over the MLP's widest tensor, where oneDNN serves; else the two ops."""
+    _refuse_autograd(x, weight, bias)
     operands = _inference_operands(x, weight, bias) if onednn_serves(x) and _ONEDNN["gelu"] else None
     if operands is None:
         return F.gelu(inference_linear(x, weight, bias))
@@ -189,6 +198,9 @@ _ATTENTION_BLOCK_SCORES = 1 << 19
 def inference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
                         scale: float) -> torch.Tensor:
     """softmax(scale q k^T) v over `num_heads` heads without autograd or dropout; tokens (B, T, C) in and out."""
+    _refuse_autograd(query, key, value)
+    if query.shape[0] == 0:
+        return query.new_zeros(query.shape)
     if onednn_serves(query):
         dtype = autocast_dtype(query.device.type) or query.dtype
         if dtype in _BLOCKED_ATTENTION_MIN_KEYS and key.shape[1] >= _BLOCKED_ATTENTION_MIN_KEYS[dtype]:
@@ -253,14 +265,15 @@ class TrainingLinear(nn.Linear):
 
 
 class OptimizedCvtSelfAttention(CvtSelfAttention):
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False, cls_only: bool = False):
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False,
+                cls_only: bool = False):
         """`CvtSelfAttention.forward` on channels-last grids with `inference_attention`. `cls_only` (a stage with a
         cls token): only the cls token queries, so the context is (B, 1, C); keys and values come from every token."""
         if output_attentions:
-            return super().forward(tokens, height, width, output_attentions=True)
+            return super().forward(hidden_state, height, width, output_attentions=True)
         if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        grid = _channels_last_grid(tokens, height, width)  # once for the three projections
+            cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
+        grid = _channels_last_grid(hidden_state, height, width)  # once for the three projections
         query = cls_token if cls_only else self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
         value = self.convolution_projection_value(grid)
@@ -274,40 +287,42 @@ class OptimizedCvtSelfAttention(CvtSelfAttention):
 
 
 class OptimizedCvtAttention(CvtAttention):
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False, cls_only: bool = False):
-        context, probs = self.attention(tokens, height, width, output_attentions, cls_only)
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False,
+                cls_only: bool = False):
+        context, probs = self.attention(hidden_state, height, width, output_attentions, cls_only)
         return self.output(context), probs
 
 
 class OptimizedCvtLayer(CvtLayer):
-    def forward(self, tokens: torch.Tensor, height, width, output_attentions: bool = False, cls_only: bool = False):
+    def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False,
+                cls_only: bool = False):
         """`CvtLayer.forward`; with `cls_only` the block is computed for the cls token alone and returns it."""
-        attention_output, probs = self.attention(self.layernorm_before(tokens), height, width, output_attentions,
-                                                 cls_only)
+        attention_output, probs = self.attention(self.layernorm_before(hidden_state), height, width,
+                                                 output_attentions, cls_only)
         if cls_only:
-            tokens = tokens[:, :1]
-        tokens = tokens + self.drop_path(attention_output)
-        mlp_output = self.output(self.intermediate(self.layernorm_after(tokens)))
-        return tokens + self.drop_path(mlp_output), probs
+            hidden_state = hidden_state[:, :1]
+        hidden_state = hidden_state + self.drop_path(attention_output)
+        mlp_output = self.output(self.intermediate(self.layernorm_after(hidden_state)))
+        return hidden_state + self.drop_path(mlp_output), probs
 
 
 class OptimizedCvtStage(CvtStage):
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, cls_only: bool = False):
+    def forward(self, hidden_state: torch.Tensor, output_attentions: bool = False, cls_only: bool = False):
         """`CvtStage.forward` with channels-last grids. `cls_only` (a stage with a cls token, no attentions asked):
         the last block runs for the cls token alone and the grid is None."""
-        tokens, height, width = self.embedding(pixel_values, self.cls_token if self.with_cls_token else None)
+        tokens, height, width = self.embedding(hidden_state, self.cls_token if self.with_cls_token else None)
         attentions = []
         last = len(self.layers) - 1 if cls_only and self.with_cls_token and not output_attentions else None
         for i, layer in enumerate(self.layers):
             if i == last:
-                return None, layer(tokens, height, width, cls_only=True)[0], attentions
+                return None, layer(tokens, height, width, cls_only=True)[0], ()
             tokens, probs = layer(tokens, height, width, output_attentions)
             if output_attentions:
                 attentions.append(probs)
         cls_token = None
         if self.with_cls_token:
             cls_token, tokens = tokens[:, :1], tokens[:, 1:]
-        return _channels_last_grid(tokens, height, width), cls_token, attentions
+        return _channels_last_grid(tokens, height, width), cls_token, tuple(attentions)
 
 
 class OptimizedCvtEncoder(CvtEncoder):

@@ -1,13 +1,15 @@
-"""The two model files mirror each other (`cvt_torch.modeling_cvt` and `cvt_tf.modeling_cvt`): class for class,
-with the same constructor parameters, public methods and sub-block attribute names, and the shared methods give
-the same numbers (`forward_features` / `forward_head` on the same weights, `compute_classification_loss`).
-Every difference allowed below is listed with its reason, so a new one fails here until it is either removed or
-explained."""
+"""The two model files mirror each other (`cvt_torch.modeling_cvt` and `cvt_tf.modeling_cvt`) in behaviour, not
+only in names: class for class, the same constructor parameters, public methods, sub-block attribute names and
+call signatures (`forward` and `call`, `training` aside), and on the same weights every pair of modules, called
+with what the PyTorch module received in a forward pass, returns the same structure and the same numbers, on
+listed and generated configs. Every difference allowed below is listed with its reason, so a new one fails here
+until it is either removed or explained."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import random
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -22,6 +24,9 @@ import cvt_tf.modeling_cvt as keras_models  # noqa: E402
 import cvt_torch.modeling_cvt as torch_models  # noqa: E402
 from conversion.pipeline import make_random_checkpoint  # noqa: E402
 from cvt_core.config import CvtConfig  # noqa: E402
+from cvt_core.outputs import ModelOutput  # noqa: E402
+from cvt_core.shapes import minimum_input_size  # noqa: E402
+from generated_configs import generated_config  # noqa: E402
 
 # Classes with no counterpart in the other framework, and why.
 ONE_SIDED_CLASSES = {
@@ -54,6 +59,8 @@ ONE_SIDED_METHODS = {
     "gradient_checkpointing_enable": "activation checkpointing per block (torch.utils.checkpoint), transformers' name",
     "gradient_checkpointing_disable": "activation checkpointing per block (torch.utils.checkpoint), transformers' name",
     "set_grad_checkpointing": "activation checkpointing per block (torch.utils.checkpoint), timm's name",
+    "rematerialized_call": "Keras' rematerialisation hook (block_remat_scope), PyTorch's gradient checkpointing "
+                           "sits in CvtStage.forward",
 }
 # Sub-block attributes named otherwise in Keras: (torch name, Keras name) -> why.
 RENAMED_ATTRIBUTES = {
@@ -218,3 +225,146 @@ def test_classification_loss_is_the_same_in_both_frameworks(case, weights):
     np.testing.assert_allclose(float(torch_loss), float(keras_loss), rtol=1e-6, atol=1e-7)
     if weights == "all-zero":
         assert float(torch_loss) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ same behaviour
+# Where a module's output holds attention probabilities (B, heads, T, T_kv): 4-D like a grid, but the same layout in
+# both frameworks. (Keras' layers below the model compute NHWC grids where PyTorch's compute NCHW.)
+ATTENTION_OUTPUT_POSITION = {"CvtSelfAttention": 1, "CvtAttention": 1, "CvtLayer": 1, "CvtStage": 2}
+MODEL_CLASSES = ("CvtModel", "CvtBackbone", "CvtForImageClassification")  # NCHW in both (data_format channels_first)
+# Output fields of one side only, and why.
+ONE_SIDED_OUTPUTS = {
+    "out.pyramid_outputs": "keras-hub's pyramid backbones key their maps P2, P3, ...; transformers' BackboneOutput "
+                           "(the PyTorch tuple order) has no such field",
+}
+BEHAVIOUR_CONFIGS = {**{name: kwargs for name, kwargs in MIRROR_CONFIGS.items()},
+                     **{f"generated-{seed}": generated_config(seed) for seed in range(6)}}
+
+
+def _call_parameters(function) -> list:
+    """(name, default) of each parameter but `self` and Keras' `training`."""
+    return [(name, p.default) for name, p in inspect.signature(function).parameters.items()
+            if name not in ("self", "training")]
+
+
+@pytest.mark.parametrize("torch_name, keras_name", PAIRS)
+def test_forward_and_call_take_the_same_arguments_with_the_same_defaults(torch_name, keras_name):
+    torch_class, keras_class = TORCH_CLASSES[torch_name], KERAS_CLASSES[keras_name]
+    own_forward = torch_class.forward.__module__ == torch_models.__name__
+    assert own_forward == (keras_class.call.__module__ == keras_models.__name__)  # both or neither (base classes)
+    if own_forward:
+        assert _call_parameters(torch_class.forward) == _call_parameters(keras_class.call)
+
+
+def _keras_layer_at(keras_model, torch_path: str):
+    """The Keras layer at a PyTorch module path (`cvt.encoder.stages.0.layers.1.attention.output`)."""
+    to_keras = {torch_name: keras_name for torch_name, keras_name in RENAMED_ATTRIBUTES}
+    layer, parts = keras_model, torch_path.split(".") if torch_path else []
+    while parts:
+        if isinstance(layer, keras_models.TFCvtPreTrainedModel) and parts[0] == "encoder":
+            layer = layer.cvt  # TFCvtMainLayer holds the encoder in Keras (ONE_SIDED_CLASSES)
+        child = getattr(layer, to_keras.get(parts[0], parts[0]))
+        parts = parts[1:]
+        if isinstance(child, (list, tuple)):
+            child, parts = child[int(parts[0])], parts[1:]
+        layer = child
+    return layer
+
+
+def _to_keras_input(value, grid_layout_differs: bool):
+    if isinstance(value, torch.Tensor):
+        array = value.detach().numpy()
+        return array.transpose(0, 2, 3, 1) if grid_layout_differs and array.ndim == 4 else array
+    return value
+
+
+def _leaves(output, attention_position=None, in_attentions=False, path="out"):
+    """(path, value, is attention probabilities) for every tensor, int and None of a module's output."""
+    if isinstance(output, ModelOutput):
+        for field in type(output)._fields:
+            yield from _leaves(getattr(output, field), None, field == "attentions", f"{path}.{field}")
+    elif isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            yield from _leaves(value, None, in_attentions or i == attention_position, f"{path}[{i}]")
+    else:
+        yield path, output, in_attentions
+
+
+def _assert_same_output(torch_output, keras_output, class_name: str, where: str):
+    grid_layout_differs = class_name not in MODEL_CLASSES
+    position = ATTENTION_OUTPUT_POSITION.get(class_name)
+    torch_leaves = [leaf for leaf in _leaves(torch_output, position) if leaf[0] not in ONE_SIDED_OUTPUTS]
+    keras_leaves = [leaf for leaf in _leaves(keras_output, position) if not leaf[0].startswith(tuple(ONE_SIDED_OUTPUTS))]
+    assert [p for p, _, _ in torch_leaves] == [p for p, _, _ in keras_leaves], f"{where}: output structure differs"
+    for (path, expected, is_attention), (_, got, _) in zip(torch_leaves, keras_leaves):
+        if expected is None or isinstance(expected, int):
+            assert got is None if expected is None else int(got) == expected, f"{where} {path}"
+            continue
+        got = keras.ops.convert_to_numpy(got)
+        if grid_layout_differs and got.ndim == 4 and not is_attention:
+            got = got.transpose(0, 3, 1, 2)
+        expected = expected.detach().numpy()
+        assert got.shape == expected.shape, f"{where} {path}: shape {got.shape} vs {expected.shape}"
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"{where} {path}")
+
+
+def _recorded_calls(model: nn.Module, run) -> list:
+    """(module path, module, arguments by name, output) of every call of our modules during `run()`."""
+    calls = []
+
+    def record(path):
+        def hook(module, args, kwargs, output):
+            arguments = inspect.signature(module.forward).bind(*args, **kwargs)
+            arguments.apply_defaults()
+            calls.append((path, module, dict(arguments.arguments), output))
+        return hook
+
+    handles = [module.register_forward_hook(record(path), with_kwargs=True) for path, module in model.named_modules()
+               if type(module).__module__ == torch_models.__name__]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("config_name", sorted(BEHAVIOUR_CONFIGS))
+def test_every_pair_of_modules_returns_the_same_on_the_same_weights_and_inputs(config_name, tmp_path):
+    """Each PyTorch module's recorded call (inputs, output) is replayed on its Keras counterpart at the same path,
+    with and without hidden states and attentions, for the classifier, the bare model and the backbone."""
+    config = CvtConfig(**BEHAVIOUR_CONFIGS[config_name])
+    make_random_checkpoint(str(tmp_path), config, seed=5)
+    rng = random.Random(config_name)
+    side = minimum_input_size(config)
+    pixels = torch.randn(2, config.num_channels, side + rng.randrange(0, 24), side + rng.randrange(0, 24),
+                         generator=torch.Generator().manual_seed(1))
+    compared = set()
+    for torch_class, keras_class in ((torch_models.CvtForImageClassification, keras_models.TFCvtForImageClassification),
+                                     (torch_models.CvtModel, keras_models.TFCvtModel),
+                                     (torch_models.CvtBackbone, keras_models.TFCvtBackbone)):
+        torch_model = torch_class.from_pretrained(tmp_path)
+        keras_model = keras_class.from_pretrained(tmp_path)
+        calls = []
+        for flags in (True, False):
+            calls += _recorded_calls(torch_model, lambda: torch_model(pixels, output_hidden_states=flags,
+                                                                      output_attentions=flags))
+        for path, module, arguments, torch_output in calls:
+            class_name = type(module).__name__
+            layer = _keras_layer_at(keras_model, path)
+            if type(layer).__name__ != "TF" + class_name:
+                # ONE_SIDED_CLASSES: QuickGELU is a Keras Activation layer (compared too); `cvt` differs in class
+                assert (class_name, type(layer).__name__) == ("QuickGELU", "Activation") or (
+                    (path, type(layer).__name__) == ("cvt", "TFCvtMainLayer")), path
+                if class_name != "QuickGELU":
+                    continue
+            values = [_to_keras_input(v, class_name not in MODEL_CLASSES) for v in arguments.values()]
+            first, rest = values[0], dict(zip(list(arguments)[1:], values[1:]))
+            keras_output = layer(first, **rest)
+            _assert_same_output(torch_output, keras_output, class_name, f"{config_name} {path or torch_class.__name__}")
+            compared.add(class_name)
+    never_called = {"CvtPreTrainedModel"} | ({"CvtSelfAttentionConvProjection"} if "dw_bn" not in
+                                             config.qkv_projection_method else set())
+    assert ("QuickGELU" in compared) == (config.hidden_act == "quick_gelu")
+    assert compared - {"QuickGELU"} == {t for t, _ in PAIRS} - never_called

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hf_oracle import assert_close  # noqa: E402
 
-from cvt_tf import CvtConfig, TFCvtForImageClassification, TFCvtModel  # noqa: E402
+from cvt_tf import CvtConfig, TFCvtBackbone, TFCvtForImageClassification, TFCvtModel  # noqa: E402
 from cvt_tf.layers import sublayers  # noqa: E402
 from cvt_tf.optimize import optimize_for_inference  # noqa: E402
 
@@ -94,6 +94,12 @@ def test_fast_function_refuses_a_quantized_model():
     model.quantize("int8")
     with pytest.raises(ValueError, match="quantized"):
         optimize_for_inference(model)
+
+
+def test_fast_function_refuses_a_backbone_whose_outputs_it_does_not_compute():
+    backbone = TFCvtBackbone(CvtConfig(**TINY), out_features=["stage1", "stage3"])
+    with pytest.raises(TypeError, match="TFCvtBackbone's feature maps come from calling the model"):
+        optimize_for_inference(backbone)
 
 
 def test_fast_function_validates_its_input():

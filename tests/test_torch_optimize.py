@@ -18,6 +18,7 @@ from cvt_torch import CvtBackbone, CvtConfig, CvtForImageClassification, CvtMode
 from cvt_torch import optimize
 from cvt_torch.optimize import (REFUSED_GRADIENTS, REFUSED_SAVING, REFUSED_TRAINING, optimize_for_inference,
                                 optimize_for_training)
+from generated_configs import generated_config
 from hf_oracle import assert_close, randomize_
 
 TINY = dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3])
@@ -48,29 +49,6 @@ def random_model(model_class, config_kwargs, seed=0):
 def pixels(batch=2, height=96, width=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, height, width or height, generator=generator)
-
-
-def generated_config(seed: int) -> dict:
-    """A random small config: 1-3 stages of random depth, cls tokens on random stages, every projection method,
-    either activation, 0, 1 or several labels."""
-    rng = random.Random(seed)
-    stages = rng.randint(1, 3)
-
-    def per_stage(draw):
-        return [draw() for _ in range(stages)]
-
-    heads = per_stage(lambda: rng.choice([1, 2, 3]))
-    patch = per_stage(lambda: rng.choice([3, 5, 7]))
-    return dict(
-        embed_dim=[h * rng.choice([8, 16]) for h in heads], num_heads=heads, depth=per_stage(lambda: rng.randint(1, 3)),
-        patch_sizes=patch, patch_stride=per_stage(lambda: rng.choice([2, 3, 4])), patch_padding=[p // 2 for p in patch],
-        mlp_ratio=per_stage(lambda: rng.choice([1.5, 2.0, 4.0])), qkv_bias=per_stage(lambda: rng.random() < 0.5),
-        cls_token=per_stage(lambda: rng.random() < 0.4),
-        qkv_projection_method=per_stage(lambda: rng.choice(["dw_bn", "dw_bn", "avg", "linear"])),
-        kernel_qkv=[3] * stages, padding_kv=[1] * stages, stride_kv=per_stage(lambda: rng.choice([1, 2])),
-        padding_q=[1] * stages, stride_q=[1] * stages, attention_drop_rate=per_stage(lambda: rng.choice([0.0, 0.1])),
-        drop_rate=per_stage(lambda: rng.choice([0.0, 0.1])), drop_path_rate=per_stage(lambda: rng.choice([0.0, 0.1])),
-        hidden_act=rng.choice(["gelu", "quick_gelu"]), num_labels=rng.choice([0, 1, 5]))
 
 
 def assert_outputs_close(fast, plain, name, tol=1e-5):
@@ -207,6 +185,16 @@ def test_the_copy_equals_cvt13():
         assert_outputs_close(optimize_for_inference(model)(x), model(x), "cvt-13")
 
 
+@pytest.mark.parametrize("height", [48, 96])  # 96: enough keys for the blocked attention
+def test_an_empty_batch_gives_empty_outputs_as_the_model_does(height):
+    model = random_model(CvtForImageClassification, CONFIGS["blocked-attention"], seed=3)
+    fast = optimize_for_inference(model)
+    x = pixels(batch=0, height=height)
+    with torch.no_grad():
+        assert_outputs_close(fast(x, output_hidden_states=True), model(x, output_hidden_states=True), "empty batch")
+        assert fast(x).logits.shape == model(x).logits.shape == (0, 7)
+
+
 def test_optimising_an_optimised_copy_copies_it_and_other_modules_are_refused():
     fast = optimize_for_inference(random_model(CvtModel, CONFIGS["tiny"]))
     again = optimize_for_inference(fast)
@@ -263,6 +251,38 @@ def test_the_copy_refuses_training_saving_and_gradients_each_in_one_line(tmp_pat
     with torch.no_grad():
         assert fast(x, labels=labels).loss.ndim == 0  # an evaluation loss needs no gradient
     assert fast(x).logits.grad_fn is None
+
+
+def test_every_submodule_of_the_copy_that_runs_a_fast_kernel_refuses_an_input_that_wants_gradients():
+    """The refusal sits in the kernels, so calling a submodule directly (past the model's forward) cannot return
+    a result whose gradient is wrong."""
+    fast = optimize_for_inference(random_model(CvtForImageClassification, CONFIGS["blocked-attention"]))
+    x = pixels(batch=1, height=96).requires_grad_()
+    recorded = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            recorded.setdefault(name, (args, kwargs))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in fast.named_modules() if n]
+    with torch.no_grad():
+        fast(x.detach(), output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    kernel_types = (optimize.OneDnnLinear, optimize.OneDnnLinearGELU, optimize.OptimizedCvtSelfAttention)
+    refused = 0
+    for name, module in fast.named_modules():
+        if name not in recorded or not any(isinstance(m, kernel_types) for m in module.modules()):
+            continue
+        args, kwargs = recorded[name]
+        args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args)
+        with pytest.raises(RuntimeError) as error:
+            module(*args, **kwargs)
+        assert str(error.value) == REFUSED_GRADIENTS, name
+        refused += 1
+    assert refused > 10
 
 
 # ------------------------------------------------------------------------------------------------ graph recorders
