@@ -9,7 +9,7 @@ patch strides (4, 8, 16 for the released configs).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .config import CvtConfig
 
@@ -73,3 +73,17 @@ def resolve_out_features(config: CvtConfig, out_features: Optional[Sequence[str]
     if len(set(indices)) != len(indices) or indices != sorted(indices):
         raise ValueError(f"out_features {features}: each stage at most once and in the order of {names}")
     return features, indices
+
+
+def intermediate_stages(count: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's `forward_intermediates` indices over `count` stages: None, every stage; an int n, the last n; a list,
+    those stages (negative from the end), sorted and once each. ValueError for one out of range."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"indices={indices}: an int takes the last n of the {count} stages, 1 to {count}")
+        return list(range(count - indices, count))
+    if any(not -count <= int(i) < count for i in indices):
+        raise ValueError(f"indices {list(indices)}: stages are numbered 0 to {count - 1} (or -{count} to -1)")
+    return sorted({int(i) % count for i in indices})

@@ -36,7 +36,25 @@ def announce_inferred_problem_type(model: Any, problem_type: str) -> None:
                       f"is multi-label sigmoid BCE over {num_labels} outputs (transformers' rule). For one-hot "
                       f"single-label targets pass integer class ids, or set config.problem_type="
                       f"'single_label_classification'; setting config.problem_type also silences this",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=5)
+
+
+def problem_type_for(model: Any, integer_labels: bool) -> str:
+    """The loss a classifier's own loss computes: `config.problem_type`, or else transformers' inference for this
+    call only (the config is not changed): one label -> regression; integer class ids -> single-label
+    classification; float (or boolean) labels -> multi-label. An inferred pick is announced once per model
+    (`announce_inferred_problem_type`)."""
+    config = model.config
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        problem_type = "regression"
+    elif integer_labels:
+        problem_type = "single_label_classification"
+    else:
+        problem_type = "multi_label_classification"
+    announce_inferred_problem_type(model, problem_type)
+    return problem_type
 
 
 class TrainingSchedule(NamedTuple):

@@ -366,6 +366,25 @@ class LoadPlan:
         if bad:
             raise WeightLoadError(source, [], [], [], bad)
 
+    def warn_about_what_was_not_loaded(self, source: str, model_name: str) -> None:
+        """One UserWarning per kind of weight a non-strict load left at its initial value (a fresh head, missing or
+        mis-shaped weights) or did not use, naming them; both frameworks' `from_pretrained` say it this way."""
+        import warnings
+
+        if self.fresh_head:
+            warnings.warn(f"{source}: the checkpoint has no classification head; newly initialised: "
+                          f"{', '.join(self.fresh_head)}. Train the model before using its predictions.", stacklevel=3)
+        if self.missing:
+            warnings.warn(f"{source}: weights missing from the checkpoint, left freshly initialised: "
+                          f"{', '.join(self.missing)}", stacklevel=3)
+        if self.unexpected:
+            warnings.warn(f"{source}: checkpoint weights not used by {model_name}: {', '.join(self.unexpected)}",
+                          stacklevel=3)
+        if self.mismatched:
+            mismatched = ", ".join(f"{name} {got} vs model {want}" for name, want, got in self.mismatched)
+            warnings.warn(f"{source}: weights with a different shape in the checkpoint, re-initialised: "
+                          f"{mismatched}", stacklevel=3)
+
 
 def plan_load(config: CvtConfig, with_head: bool, checkpoint_shapes: Mapping[str, Sequence[int]],
               checkpoint_dtypes: Optional[Mapping[str, object]] = None) -> LoadPlan:

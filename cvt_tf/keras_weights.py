@@ -22,6 +22,10 @@ Where the checks run:
   walk ends, having read the model's layers' datasets through its own checks; so for a file from a stranger call
   `cvt_core.h5_safety.check_keras_weights_path(path)` first, as `cvt convert` does.
 
+The model's variables by transformers' PyTorch names (`canonical_variables`), assigned from a transformers
+checkpoint (`assign_checkpoint`) and written as one (`checkpoint_arrays`), for `from_pretrained` and
+`save_pretrained`.
+
 A `.keras` file's config.json is untrusted too: the model's `dtype` entry is deserialised only when it is a dtype
 policy (`dtype_policy_from_config`), so it cannot make Keras build another object.
 
@@ -43,12 +47,13 @@ import zipfile
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import keras
+import numpy as np
 
 from cvt_core.errors import CheckpointError
 from cvt_core.h5_safety import (KERAS_KIND, check_h5, check_keras_archive, check_keras_weights_path,
                                 keras_shard_index, keras_shard_paths, open_h5)
 from cvt_core.untrusted import open_regular_file
-from cvt_core.weights import WeightLoadError
+from cvt_core.weights import WeightLoadError, check_weight_value, weight_table
 
 from .layers import public_attributes, sublayers
 
@@ -126,6 +131,58 @@ def file_layout(model: keras.Model) -> Tuple[Layout, Dict[str, str]]:
             layout[file_path] = value
             described[file_path] = names.get(id(recorder.values[key]), file_path)
     return layout, described
+
+
+# ------------------------------------------------------------------------------------------------ transformers' names
+def _weight_owner(layer: keras.layers.Layer, module: str) -> keras.layers.Layer:
+    """The sub-layer of `layer` that transformers' module name `module` (`stages.0`, `layers.1`, `output`, ...)
+    stands for."""
+    name, _, index = module.partition(".")
+    attribute = {"layers": "blocks", "output": "dense_output"}.get(name, name)
+    child = getattr(layer, attribute)
+    return child[int(index)] if index else child
+
+
+def canonical_variables(model: keras.Model) -> Dict[str, keras.Variable]:
+    """Every variable of a built model keyed by its transformers PyTorch name (`WeightEntry.torch_name`), found
+    by walking the sub-layers the weight table names."""
+    weights: Dict[str, keras.Variable] = {}
+    for entry in weight_table(model.config, model.with_head):
+        if not entry.has_keras_twin:
+            continue
+        layer = model if entry.in_head else model.cvt
+        for module in entry.module:
+            layer = _weight_owner(layer, module)
+        variable = getattr(layer, entry.keras_leaf, None)
+        if not isinstance(variable, keras.Variable):
+            raise RuntimeError(f"layer {layer.path!r} has no variable {entry.keras_leaf!r} for {entry.name}")
+        weights[entry.torch_name(model.with_head)] = variable
+    return weights
+
+
+def assign_checkpoint(model: keras.Model, source: str, state, assignments: Dict[str, str]) -> None:
+    """Assign each weight `assignments` names (model name -> checkpoint key) from the checkpoint `state`, in the
+    Keras layout; NaN, Inf or values float32 cannot hold are refused (`check_weight_value`)."""
+    by_name = {entry.torch_name(model.with_head): entry for entry in weight_table(model.config, model.with_head)}
+    for name, variable in model.canonical_weights().items():
+        key = assignments.get(name)
+        if key is not None:
+            value = by_name[name].to_keras(check_weight_value(source, name, np.asarray(state[key])))
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def checkpoint_arrays(model: keras.Model) -> Dict[str, np.ndarray]:
+    """The model's weights as transformers' PyTorch state dict (names and layouts); BatchNorm `num_batches_tracked`
+    is 0: a Keras model does not count batches."""
+    weights = model.canonical_weights()
+    arrays: Dict[str, np.ndarray] = {}
+    for entry in weight_table(model.config, model.with_head):
+        name = entry.torch_name(model.with_head)
+        if entry.has_keras_twin:
+            arrays[name] = np.ascontiguousarray(entry.from_keras(keras.ops.convert_to_numpy(weights[name])))
+        else:
+            arrays[name] = np.zeros(entry.shape, np.int64)
+    return arrays
 
 
 # ------------------------------------------------------------------------------------------------ what the file holds

@@ -22,7 +22,6 @@ function for deployment and benchmarks (`cvt_tf.optimize`); SavedModel and LiteR
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
@@ -35,18 +34,18 @@ from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
 from cvt_core.config import CvtConfig
 from cvt_core.hub import is_preset_name, resolve_pretrained, split_hub_options
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
-from cvt_core.shapes import attention_projection, check_pixel_values_shape, minimum_input_size
-from cvt_core.training import announce_inferred_problem_type
-from cvt_core.weights import check_weight_value, weight_table
+from cvt_core.shapes import attention_projection, minimum_input_size
+from cvt_core.training import problem_type_for
 
 from . import keras_weights
-from .backend import JAX, TF, MultiWorkerFitFixes, empty_batch_guard, jax_compiled_inference
+from .backend import MultiWorkerFitFixes, empty_batch_guard, jax_compiled_inference
+from .inputs import call_arguments, check_data_format, validate_pixel_values
 from .layers import (CeilModeAveragePooling2D, GroupedDepthwiseConv2D, TorchBatchNormalization, block_name,
                      sublayers, truncated_normal)
 from .losses import classification_loss
+from .outputs import register_outputs_with_keras_tree
 from .training import ClassifierFitHooks
 
-DATA_FORMATS = ("channels_first", "channels_last")
 POLICY_MAP = getattr(keras.dtype_policies, "DTypePolicyMap", ())  # (Keras 3.4 and later)
 LAYER_NORM_EPSILON = 1e-5  # every LayerNorm of CvT, whatever config.layer_norm_eps says
 
@@ -91,78 +90,7 @@ def _softmax(scores):
     return ops.softmax(scores, axis=-1)
 
 
-def _check_data_format(data_format: str) -> str:
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format must be one of {list(DATA_FORMATS)}, got {data_format!r}")
-    return data_format
-
-
-INPUT_KEYS = ("pixel_values", "labels", "output_hidden_states", "output_attentions", "return_dict")
-
-
-def unpack_inputs(pixel_values, **arguments) -> Dict[str, Any]:
-    """transformers' TF convention: the first argument may be a dict holding `pixel_values` and any other call
-    argument (`labels`, ...); its entries win over the keyword arguments. Returns every argument by name."""
-    if isinstance(pixel_values, Mapping):
-        inputs = dict(pixel_values)
-        unknown = sorted(set(inputs) - set(INPUT_KEYS))
-        if unknown or "pixel_values" not in inputs:
-            raise ValueError(f"an input dict needs the key 'pixel_values' and may hold {list(INPUT_KEYS[1:])}; "
-                             f"got keys {sorted(inputs)}")
-        for key, value in inputs.items():
-            if key in arguments or key == "pixel_values":
-                arguments[key] = value
-        pixel_values = inputs["pixel_values"]
-    arguments["pixel_values"] = pixel_values
-    return arguments
-
-
-def validate_pixel_values(config: CvtConfig, pixel_values, data_format: str) -> None:
-    """Refuse non-float dtypes (TypeError) and wrong rank, channels or too small images (ValueError)."""
-    dtype = keras.backend.standardize_dtype(pixel_values.dtype)
-    if not dtype.startswith(("float", "bfloat")):
-        raise TypeError(
-            f"pixel_values must be a floating-point tensor (float32, float16, bfloat16 or float64), got dtype "
-            f"{dtype}: convert and normalise the images first (e.g. x.astype('float32') / 255, then the "
-            f"checkpoint's mean/std)")
-    shape = pixel_values.shape
-    if TF and not isinstance(shape, tuple):  # a tf.TensorShape, whose rank may be unknown in a graph
-        if shape.rank is None:
-            return
-        shape = shape.as_list()
-    check_pixel_values_shape(config, list(shape), channels_last=data_format == "channels_last")
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def _register_outputs_with_keras_tree() -> None:
-    """Make the output containers nodes of `keras.tree` (optree), not leaves, so Keras' `predict`, `fit` and
-    structure utilities see the tensors inside. Registered in Keras' optree namespace only; under JAX also as JAX
-    pytrees, which is what lets them cross `jax.jit` and `jax.grad` (Keras' compiled train and predict steps)."""
-    import optree
-
-    def flatten(output):
-        keys = tuple(output.keys())
-        return tuple(output[k] for k in keys), keys, keys
-
-    for output_type in (CvtModelOutput, CvtImageClassifierOutput, CvtBackboneOutput):
-        def unflatten(keys, children, output_type=output_type):
-            return output_type(**dict(zip(keys, children)))
-
-        try:
-            optree.register_pytree_node(output_type, flatten, unflatten, namespace="keras")
-        except ValueError:
-            pass  # already registered (module re-imported)
-        if JAX:
-            import jax
-
-            try:
-                jax.tree_util.register_pytree_node(
-                    output_type, lambda output: flatten(output)[:2], unflatten)
-            except ValueError:
-                pass
-
-
-_register_outputs_with_keras_tree()
+register_outputs_with_keras_tree()
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -528,7 +456,7 @@ class TFCvtMainLayer(keras.layers.Layer):
     def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs):
         super().__init__(**kwargs)
         self.config = config
-        self.data_format = _check_data_format(data_format)
+        self.data_format = check_data_format(data_format)
         self.encoder = TFCvtEncoder(config, dtype=self.dtype_policy, name="encoder")
 
     def build(self, input_shape=None):
@@ -561,15 +489,6 @@ class TFCvtMainLayer(keras.layers.Layer):
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _weight_owner(layer: keras.layers.Layer, module: str) -> keras.layers.Layer:
-    """The sub-layer of `layer` that transformers' module name `module` (`stages.0`, `layers.1`, `output`, ...)
-    stands for."""
-    name, _, index = module.partition(".")
-    attribute = {"layers": "blocks", "output": "dense_output"}.get(name, name)
-    child = getattr(layer, attribute)
-    return child[int(index)] if index else child
-
-
 class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
     """Shared by both models: construction from a `CvtConfig`, Keras (de)serialisation, the canonical weight map
     and transformers-compatible `from_pretrained` / `save_pretrained`.
@@ -587,7 +506,7 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
             raise TypeError(f"config must be a cvt_core.CvtConfig, got {type(config).__name__}")
         config.validate()
         self.config = config
-        self.data_format = _check_data_format(keras.config.image_data_format() if data_format is None else data_format)
+        self.data_format = check_data_format(keras.config.image_data_format() if data_format is None else data_format)
         self.cvt = TFCvtMainLayer(config, data_format=self.data_format, dtype=self.layer_policy, name="cvt")
         # The preprocessing the weights expect (a cvt_core CvtImageProcessor): read by from_pretrained, written by
         # save_pretrained; None means the released checkpoints' preprocessing at the config's resolution.
@@ -611,12 +530,6 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
             mode = policy[layer.path].quantization_mode if layer.path in policy else None
             if mode is not None and layer.quantization_mode is None:
                 layer.quantize(mode)
-
-    def _resolve_flags(self, output_hidden_states, output_attentions, return_dict):
-        config = self.config
-        return (config.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-                config.output_attentions if output_attentions is None else bool(output_attentions),
-                config.use_return_dict if return_dict is None else bool(return_dict))
 
     # ---------------------------------------------------------------- Keras serialisation
     def get_config(self) -> Dict[str, Any]:
@@ -659,18 +572,7 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
         sub-layers the weight table names; builds the model first if needed."""
         if not self.built:
             self.build_with_dummy_input()
-        weights: Dict[str, keras.Variable] = {}
-        for entry in weight_table(self.config, self.with_head):
-            if not entry.has_keras_twin:
-                continue
-            layer = self if entry.in_head else self.cvt
-            for module in entry.module:
-                layer = _weight_owner(layer, module)
-            variable = getattr(layer, entry.keras_leaf, None)
-            if not isinstance(variable, keras.Variable):
-                raise RuntimeError(f"layer {layer.path!r} has no variable {entry.keras_leaf!r} for {entry.name}")
-            weights[entry.torch_name(self.with_head)] = variable
-        return weights
+        return keras_weights.canonical_variables(self)
 
     def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs):
         """Keras' `load_weights`, strict and checked (`cvt_tf.keras_weights.load_weights_checked`): the file is
@@ -714,28 +616,11 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
         try:
             plan.check_dtypes(directory, state.dtypes)  # never cast complex, bool or integer tensors into weights
             model = cls(config, data_format=data_format, dtype=dtype)
-            model.build_with_dummy_input()
-            by_name = {e.torch_name(cls.with_head): e for e in weight_table(config, cls.with_head)}
-            for name, variable in model.canonical_weights().items():
-                source = plan.assignments.get(name)
-                if source is None:
-                    continue
-                value = check_weight_value(directory, name, np.asarray(state[source]))  # NaN / Inf refused
-                value = by_name[name].to_keras(value)
-                variable.assign(np.asarray(value, dtype=variable.dtype))
+            keras_weights.assign_checkpoint(model, directory, state, plan.assignments)
         finally:
             state.close()
         model.image_processor = image_processor
-        if plan.fresh_head:
-            warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
-                          f"{', '.join(plan.fresh_head)}. Train the model before using its predictions.", stacklevel=2)
-        if plan.mismatched:
-            warnings.warn(f"{directory}: re-initialised because their shapes differ from the checkpoint: "
-                          f"{', '.join(f'{n} {got} vs model {want}' for n, want, got in plan.mismatched)}",
-                          stacklevel=2)
-        if plan.missing or plan.unexpected:
-            warnings.warn(f"{directory}: loaded non-strictly; missing (initialised): {plan.missing or 'none'}; "
-                          f"unexpected (ignored): {plan.unexpected or 'none'}", stacklevel=2)
+        plan.warn_about_what_was_not_loaded(directory, cls.__name__)
         return model
 
     def save_pretrained(self, directory: str, push_to_hub: bool = False, repo_id: Optional[str] = None,
@@ -746,16 +631,9 @@ class TFCvtPreTrainedModel(MultiWorkerFitFixes, keras.Model):
         folder's name) with huggingface_hub (`token=`, `private=`, `commit_message=`, `revision=`). Returns
         `directory`. BatchNorm `num_batches_tracked` is written as 0: a Keras model does not count batches.
         """
-        weights = self.canonical_weights()
-        tensors: Dict[str, np.ndarray] = {}
-        for entry in weight_table(self.config, self.with_head):
-            name = entry.torch_name(self.with_head)
-            if entry.has_keras_twin:
-                tensors[name] = np.ascontiguousarray(entry.from_keras(ops.convert_to_numpy(weights[name])))
-            else:
-                tensors[name] = np.zeros(entry.shape, np.int64)
-        return save_pretrained_folder(directory, self.config, self.with_head, self.architecture, tensors,
-                                      self.image_processor, push_to_hub, repo_id, **push_options)
+        return save_pretrained_folder(directory, self.config, self.with_head, self.architecture,
+                                      keras_weights.checkpoint_arrays(self), self.image_processor, push_to_hub,
+                                      repo_id, **push_options)
 
     # ---------------------------------------------------------------- keras-hub's names
     @classmethod
@@ -816,14 +694,11 @@ class TFCvtModel(TFCvtPreTrainedModel):
 
     def call(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None,
              training=False):
-        arguments = unpack_inputs(pixel_values, output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, return_dict=return_dict)
-        pixel_values = arguments["pixel_values"]
-        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
-            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
-        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
-                           output_attentions=output_attentions, training=training)
-        return outputs if return_dict else outputs.to_tuple()
+        arguments = call_arguments(self.config, pixel_values, output_hidden_states=output_hidden_states,
+                                   output_attentions=output_attentions, return_dict=return_dict)
+        outputs = self.cvt(arguments["pixel_values"], output_hidden_states=arguments["output_hidden_states"],
+                           output_attentions=arguments["output_attentions"], training=training)
+        return outputs if arguments["return_dict"] else outputs.to_tuple()
 
 
 @keras.saving.register_keras_serializable(package="cvt_tf")
@@ -868,20 +743,18 @@ class TFCvtBackbone(TFCvtModel):
 
     def call(self, pixel_values, output_hidden_states=None, output_attentions=None, return_dict=None,
              training=False):
-        arguments = unpack_inputs(pixel_values, output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, return_dict=return_dict)
+        arguments = call_arguments(self.config, pixel_values, output_hidden_states=output_hidden_states,
+                                   output_attentions=output_attentions, return_dict=return_dict)
         pixel_values = arguments["pixel_values"]
-        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
-            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
-        outputs = self.cvt(pixel_values, output_hidden_states=True, output_attentions=output_attentions,
+        outputs = self.cvt(pixel_values, output_hidden_states=True, output_attentions=arguments["output_attentions"],
                            training=training)
         maps = (pixel_values,) + tuple(outputs.hidden_states)
         feature_maps = tuple(maps[i] for i in self.out_indices)
         pyramid = {f"P{stride.bit_length() - 1}": feature for stride, feature in zip(self.strides, feature_maps)}
         result = CvtBackboneOutput(feature_maps=feature_maps, pyramid_outputs=pyramid,
-                                   hidden_states=outputs.hidden_states if output_hidden_states else None,
-                                   attentions=outputs.attentions)
-        return result if return_dict else result.to_tuple()
+                                   attentions=outputs.attentions,
+                                   hidden_states=outputs.hidden_states if arguments["output_hidden_states"] else None)
+        return result if arguments["return_dict"] else result.to_tuple()
 
 
 @keras.saving.register_keras_serializable(package="cvt_tf")
@@ -909,18 +782,16 @@ class TFCvtForImageClassification(ClassifierFitHooks, TFCvtPreTrainedModel):
 
     def call(self, pixel_values, labels=None, output_hidden_states=None, output_attentions=None,
              return_dict=None, training=False):
-        arguments = unpack_inputs(pixel_values, labels=labels, output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, return_dict=return_dict)
-        pixel_values, labels = arguments["pixel_values"], arguments["labels"]
-        output_hidden_states, output_attentions, return_dict = self._resolve_flags(
-            arguments["output_hidden_states"], arguments["output_attentions"], arguments["return_dict"])
-        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states,
-                           output_attentions=output_attentions, training=training)
+        arguments = call_arguments(self.config, pixel_values, labels=labels, output_hidden_states=output_hidden_states,
+                                   output_attentions=output_attentions, return_dict=return_dict)
+        labels = arguments["labels"]
+        outputs = self.cvt(arguments["pixel_values"], output_hidden_states=arguments["output_hidden_states"],
+                           output_attentions=arguments["output_attentions"], training=training)
         logits = self.forward_head(self._normalised_tokens(outputs))
         loss = None if labels is None else self.compute_classification_loss(labels, logits)
         result = CvtImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                           attentions=outputs.attentions)
-        return result if return_dict else result.to_tuple()
+        return result if arguments["return_dict"] else result.to_tuple()
 
     def forward_features(self, pixel_values, training=False):
         """Normalised final tokens: (B, 1, C_last) with a final cls token, else (B, H'*W', C_last)."""
@@ -942,19 +813,9 @@ class TFCvtForImageClassification(ClassifierFitHooks, TFCvtPreTrainedModel):
         return self.layernorm(_grid_to_tokens(grid))
 
     def problem_type_for(self, labels) -> str:
-        """config.problem_type, or transformers' inference from num_labels and the labels' dtype (the config is not
-        changed). An inferred pick is announced once per model (`announce_inferred_problem_type`): a multi-label
-        pick, where one-hot single-label targets land, with a UserWarning."""
-        if self.config.problem_type is not None:
-            return self.config.problem_type
-        if self.config.num_labels == 1:
-            problem_type = "regression"
-        elif "int" in keras.backend.standardize_dtype(labels.dtype):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
-        announce_inferred_problem_type(self, problem_type)
-        return problem_type
+        """`config.problem_type`, or transformers' inference from num_labels and the labels' dtype
+        (`cvt_core.training.problem_type_for`)."""
+        return problem_type_for(self, "int" in keras.backend.standardize_dtype(labels.dtype))
 
     def compute_classification_loss(self, labels, logits, sample_weight=None):
         """MSE (regression), softmax cross-entropy ignoring label -100 (single label) or sigmoid BCE (multi label),

@@ -30,7 +30,8 @@ import keras
 
 from .backend import TF
 from .layers import sublayers
-from .modeling_cvt import TFCvtBackbone, TFCvtForImageClassification, TFCvtPreTrainedModel, validate_pixel_values
+from .inputs import validate_pixel_values
+from .modeling_cvt import TFCvtBackbone, TFCvtForImageClassification, TFCvtPreTrainedModel
 
 if TF:
     import tensorflow as tf

@@ -20,7 +20,6 @@ as it runs. The deploy-only faster copy is `cvt_torch.optimize.optimize_for_infe
 from __future__ import annotations
 
 import os
-import warnings
 from typing import List, Optional, Union
 
 import torch
@@ -31,12 +30,14 @@ from torch.utils.checkpoint import checkpoint
 from cvt_core.checkpoint import read_pretrained, save_pretrained_folder
 from cvt_core.hub import split_hub_options
 from cvt_core.config import CvtConfig
-from cvt_core.backbone import chosen_channels_and_strides, resolve_out_features, stage_names, stage_strides
+from cvt_core.backbone import (chosen_channels_and_strides, intermediate_stages, resolve_out_features, stage_names,
+                               stage_strides)
 from cvt_core.outputs import CvtBackboneOutput, CvtImageClassifierOutput, CvtModelOutput
-from cvt_core.shapes import attention_projection, check_pixel_values_shape
-from cvt_core.training import announce_inferred_problem_type
+from cvt_core.shapes import attention_projection
+from cvt_core.training import problem_type_for
 from cvt_core.weights import check_weight_value
 
+from .inputs import cast_to_model_dtype, check_pixel_values
 from .losses import classification_loss
 from .outputs import option, returned
 from .numpy_bridge import model_with_weights, tensor_to_numpy
@@ -405,34 +406,6 @@ class CvtPreTrainedModel(nn.Module):
         """Re-initialise every weight as transformers does (truncated normal, unit norms, zero biases)."""
         self.apply(self._init_weights)
 
-    # ------------------------------------------------------------------ input checks
-    def _check_pixel_values(self, pixel_values) -> None:
-        if isinstance(pixel_values, torch.fx.Proxy):
-            return  # torch.fx.symbolic_trace: no values, dtype or shape to check
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(
-                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; convert it with "
-                f"torch.as_tensor(...), as float and normalised (e.g. ImageNet mean/std)")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values has dtype {pixel_values.dtype}, but the model needs floating-point input: convert it to "
-                f"float (e.g. pixel_values.float() / 255) and normalise it as the model was trained (e.g. ImageNet mean/std)")
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return  # shapes may be symbolic here; the eager call has checked them
-        if pixel_values.ndim == 3:
-            raise ValueError(
-                f"pixel_values must be 4-D (batch, channels, height, width), got a 3-D tensor of shape "
-                f"{tuple(pixel_values.shape)}; for a single image add the batch axis with pixel_values.unsqueeze(0)")
-        check_pixel_values_shape(self.config, tuple(int(d) for d in pixel_values.shape))
-
-    def _cast_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if isinstance(pixel_values, torch.fx.Proxy):
-            return pixel_values  # torch.fx.symbolic_trace: the dtype is not known
-        weight = self.encoder.stages[0].embedding.convolution_embeddings.projection.weight
-        if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
-            return pixel_values.to(weight.dtype)
-        return pixel_values
-
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, os.PathLike], config: Optional[CvtConfig] = None,
@@ -461,19 +434,7 @@ class CvtPreTrainedModel(nn.Module):
         finally:
             state.close()
         model.image_processor = image_processor
-        if plan.fresh_head:
-            warnings.warn(f"{directory}: the checkpoint has no classification head; newly initialised: "
-                          f"{', '.join(plan.fresh_head)}", stacklevel=2)
-        if plan.missing:
-            warnings.warn(f"{directory}: weights missing from the checkpoint, left freshly initialised: "
-                          f"{', '.join(plan.missing)}", stacklevel=2)
-        if plan.unexpected:
-            warnings.warn(f"{directory}: checkpoint weights not used by {cls.__name__}: {', '.join(plan.unexpected)}",
-                          stacklevel=2)
-        if plan.mismatched:
-            mismatched = ", ".join(f"{n} {got} vs {want}" for n, want, got in plan.mismatched)
-            warnings.warn(f"{directory}: weights with a different shape in the checkpoint, left freshly initialised: "
-                          f"{mismatched}", stacklevel=2)
+        plan.warn_about_what_was_not_loaded(directory, cls.__name__)
         return model.eval()
 
     def save_pretrained(self, directory: Union[str, os.PathLike], push_to_hub: bool = False,
@@ -534,16 +495,7 @@ class CvtPreTrainedModel(nn.Module):
         if norm and not self.with_head:
             raise ValueError("norm=True applies the classifier's final LayerNorm, which CvtModel does not have")
         count = self.config.num_stages
-        if indices is None:
-            chosen = list(range(count))
-        elif isinstance(indices, int):
-            if not 0 < indices <= count:
-                raise ValueError(f"indices={indices}: an int takes the last n of the {count} stages, 1 to {count}")
-            chosen = list(range(count - indices, count))
-        else:
-            if any(not -count <= int(i) < count for i in indices):
-                raise ValueError(f"indices {list(indices)}: stages are numbered 0 to {count - 1} (or -{count} to -1)")
-            chosen = sorted({int(i) % count for i in indices})
+        chosen = intermediate_stages(count, indices)
         backbone = self.cvt if self.with_head else self
         outputs = backbone(pixel_values, output_hidden_states=True, return_dict=True)
         maps = []
@@ -586,9 +538,8 @@ class CvtModel(CvtPreTrainedModel):
         output_hidden_states = option(output_hidden_states, config.output_hidden_states)
         output_attentions = option(output_attentions, config.output_attentions)
         return_dict = option(return_dict, config.use_return_dict)
-        self._check_pixel_values(pixel_values)
-        pixel_values = self._cast_pixel_values(pixel_values)
-        outputs = self.encoder(pixel_values, output_hidden_states=output_hidden_states,
+        check_pixel_values(self.config, pixel_values)
+        outputs = self.encoder(cast_to_model_dtype(pixel_values, self), output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions)
         return returned(outputs, return_dict)
 
@@ -692,19 +643,9 @@ class CvtForImageClassification(CvtPreTrainedModel):
         return returned(result, return_dict)
 
     def problem_type_for(self, labels: torch.Tensor) -> str:
-        """`config.problem_type`, or else transformers' inference for this call only (the config is not changed):
-        one label -> regression; integer labels -> single-label classification; otherwise multi-label. An inferred
-        pick is announced once per model (`announce_inferred_problem_type`)."""
-        if self.config.problem_type is not None:
-            return self.config.problem_type
-        if self.config.num_labels == 1:
-            problem_type = "regression"
-        elif not labels.is_floating_point() and labels.dtype != torch.bool:
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
-        announce_inferred_problem_type(self, problem_type)
-        return problem_type
+        """`config.problem_type`, or transformers' inference from num_labels and the labels' dtype
+        (`cvt_core.training.problem_type_for`)."""
+        return problem_type_for(self, not labels.is_floating_point() and labels.dtype != torch.bool)
 
     def compute_classification_loss(self, labels: torch.Tensor, logits: torch.Tensor,
                                     sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
 from .modeling_cvt import (CvtAttention, CvtBackbone, CvtEncoder, CvtForImageClassification, CvtIntermediate,
                            CvtLayer, CvtModel, CvtSelfAttention, CvtSelfAttentionConvProjection, CvtStage,
                            merge_heads, split_heads, tokens_to_grid)
+from .inputs import cast_to_model_dtype, check_pixel_values
 from .outputs import option, returned
 
 DEPLOY_ONLY = "this model was optimised for inference by optimize_for_inference"
@@ -375,8 +376,8 @@ class OptimizedCvtModel(_DeployOnly, CvtModel):
         output_hidden_states = option(output_hidden_states, config.output_hidden_states)
         output_attentions = option(output_attentions, config.output_attentions)
         return_dict = option(return_dict, config.use_return_dict)
-        self._check_pixel_values(pixel_values)
-        outputs = self.encoder(self._cast_pixel_values(pixel_values), output_hidden_states=output_hidden_states,
+        check_pixel_values(config, pixel_values)
+        outputs = self.encoder(cast_to_model_dtype(pixel_values, self), output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions,
                                cls_only=cls_only and not (output_hidden_states or output_attentions))
         return returned(outputs, return_dict)
