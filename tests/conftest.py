@@ -84,10 +84,7 @@ def _hf_tf_can_load(case: ParityCase) -> bool:
     return not any(flag for s, flag in enumerate(cls) if s != 2)
 
 
-@pytest.fixture(scope="session")
-def hf_reference(tmp_path_factory) -> Dict[str, Reference]:
-    """Every parity case, built and run through transformers (PyTorch and TF) once per session."""
-    root = tmp_path_factory.mktemp("hf-reference")
+def _build_references(root) -> Dict[str, Reference]:
     refs: Dict[str, Reference] = {}
     jobs = []
     for i, (name, case) in enumerate(PARITY_CASES.items()):
@@ -105,8 +102,49 @@ def hf_reference(tmp_path_factory) -> Dict[str, Reference]:
                      "output": str(root / f"{name}-tf.npz"), "with_head": case.with_head})
     run_hf_tf(jobs)
     for name, ref in refs.items():
-        if not _hf_tf_can_load(ref.case):
-            continue
-        with np.load(root / f"{name}-tf.npz") as data:
-            ref.tf = {k: data[k] for k in data.files}
+        if _hf_tf_can_load(ref.case):
+            with np.load(root / f"{name}-tf.npz") as data:
+                ref.tf = {k: data[k] for k in data.files}
     return refs
+
+
+def _save_references(root, refs: Dict[str, Reference]) -> None:
+    for name, ref in refs.items():
+        np.savez(root / f"{name}-torch.npz", **ref.torch)
+        if ref.labels is not None:
+            np.save(root / f"{name}-labels.npy", ref.labels)
+    (root / "complete").write_text("\n".join(refs))
+
+
+def _load_references(root) -> Dict[str, Reference]:
+    refs: Dict[str, Reference] = {}
+    for name, case in PARITY_CASES.items():
+        def arrays(path):
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        labels = root / f"{name}-labels.npy"
+        refs[name] = Reference(name, case, str(root / name), np.load(root / f"{name}-pixels.npy"),
+                               np.load(labels) if labels.exists() else None, arrays(root / f"{name}-torch.npz"),
+                               arrays(root / f"{name}-tf.npz") if _hf_tf_can_load(case) else {})
+    return refs
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tmp_path_factory, worker_id) -> Dict[str, Reference]:
+    """Every parity case, built and run through transformers (PyTorch and TF) once per test run: under
+    pytest-xdist the first worker builds them in the run's shared temporary folder, under a lock, and the others
+    read what it wrote."""
+    if worker_id == "master":
+        return _build_references(tmp_path_factory.mktemp("hf-reference"))
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above each worker's own
+    root = shared / "hf-reference"
+    with open(shared / "hf-reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "complete").exists():
+            return _load_references(root)
+        root.mkdir(exist_ok=True)
+        refs = _build_references(root)
+        _save_references(root, refs)
+        return refs
