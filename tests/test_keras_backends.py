@@ -86,6 +86,7 @@ def _run_child(backend: str, job: dict, root) -> dict:
         env.setdefault("JAX_PLATFORMS", "cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "keras_backend_checks.py"), str(workdir / "job.json")],
                           env=env, capture_output=True, text=True, timeout=900)
+    (workdir / "child-stderr.log").write_text(proc.stderr)  # each check's seconds, for a slow run
     assert proc.returncode == 0, f"{backend} child failed:\n{proc.stderr[-4000:]}"
     return json.loads((workdir / "report.json").read_text())
 
