@@ -1,7 +1,5 @@
 """`python -m cvt_cli ...` is the `cvt` command."""
 
-import sys
+from .app import run
 
-from .app import main
-
-sys.exit(main())
+run()

@@ -176,6 +176,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         progress.set_enabled(True)
 
 
+def run() -> None:
+    """The process entry of `cvt` (the console script and `python -m cvt_cli`): `main()`'s status becomes the exit
+    status. An interrupted command ends with `os._exit(130)` once its output is flushed: CPython ends a process by
+    SIGINT, whatever the program returned, once a KeyboardInterrupt has passed through C code that runs Python
+    source (a flag it sets there and never clears), which our stop signals' KeyboardInterrupt can do inside the
+    frameworks."""
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
+
+
 def _error(message: str) -> None:
     sys.stdout.flush()
     print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
