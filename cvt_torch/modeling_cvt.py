@@ -100,6 +100,11 @@ def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
+def split_cls_token(tokens: torch.Tensor, with_cls_token: bool):
+    """(B, [1 +] T, C) -> (the cls token (B, 1, C) or None, the grid's tokens (B, T, C))."""
+    return (tokens[:, :1], tokens[:, 1:]) if with_cls_token else (None, tokens)
+
+
 def split_heads(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, T, C) -> (B, heads, T, C / heads)."""
     return tokens.unflatten(2, (num_heads, tokens.shape[2] // num_heads)).transpose(1, 2)
@@ -212,8 +217,7 @@ class CvtSelfAttention(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor, height, width, output_attentions: bool = False):
         """Returns (context (B, T, C), attention probabilities (B, heads, T, T_kv) or None)."""
-        if self.with_cls_token:
-            cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
+        cls_token, hidden_state = split_cls_token(hidden_state, self.with_cls_token)
         grid = tokens_to_grid(hidden_state, height, width)
         query = self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
@@ -337,9 +341,7 @@ class CvtStage(nn.Module):
                 tokens, probs = layer(tokens, height, width, output_attentions)
             if output_attentions:
                 attentions.append(probs)
-        cls_token = None
-        if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        cls_token, tokens = split_cls_token(tokens, self.with_cls_token)
         return tokens_to_grid(tokens, height, width), cls_token, tuple(attentions)
 
 

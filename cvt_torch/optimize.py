@@ -36,7 +36,7 @@ from cvt_core.outputs import CvtImageClassifierOutput, CvtModelOutput
 
 from .modeling_cvt import (CvtAttention, CvtBackbone, CvtEncoder, CvtForImageClassification, CvtIntermediate,
                            CvtLayer, CvtModel, CvtSelfAttention, CvtSelfAttentionConvProjection, CvtStage,
-                           merge_heads, split_heads, tokens_to_grid)
+                           merge_heads, split_cls_token, split_heads, tokens_to_grid)
 from .inputs import cast_to_model_dtype, check_pixel_values
 from .outputs import option, returned
 
@@ -272,8 +272,7 @@ class OptimizedCvtSelfAttention(CvtSelfAttention):
         cls token): only the cls token queries, so the context is (B, 1, C); keys and values come from every token."""
         if output_attentions:
             return super().forward(hidden_state, height, width, output_attentions=True)
-        if self.with_cls_token:
-            cls_token, hidden_state = hidden_state[:, :1], hidden_state[:, 1:]
+        cls_token, hidden_state = split_cls_token(hidden_state, self.with_cls_token)
         grid = _channels_last_grid(hidden_state, height, width)  # once for the three projections
         query = cls_token if cls_only else self.convolution_projection_query(grid)
         key = self.convolution_projection_key(grid)
@@ -320,9 +319,7 @@ class OptimizedCvtStage(CvtStage):
             tokens, probs = layer(tokens, height, width, output_attentions)
             if output_attentions:
                 attentions.append(probs)
-        cls_token = None
-        if self.with_cls_token:
-            cls_token, tokens = tokens[:, :1], tokens[:, 1:]
+        cls_token, tokens = split_cls_token(tokens, self.with_cls_token)
         return _channels_last_grid(tokens, height, width), cls_token, tuple(attentions)
 
 
