@@ -501,11 +501,14 @@ def keras_shard_index(path: str) -> Dict[str, List[str]]:
     return shards
 
 
-def keras_shard_paths(path: str, listed_only: bool = False) -> List[str]:
+def keras_shard_paths(path: str, listed_only: bool = False,
+                      weight_map: Optional[Dict[str, List[str]]] = None) -> List[str]:
     """The shards of the sharded Keras weights index `path`: each file its `weight_map` names (a plain
     `.weights.h5` file name in the index's folder, else a one-line `CheckpointError`) and, unless `listed_only`,
-    every `<base>_NNNNN.weights.h5` beside it, which Keras opens by name."""
-    names = {name for listed in keras_shard_index(path).values() for name in listed}
+    every `<base>_NNNNN.weights.h5` beside it, which Keras opens by name. `weight_map`: the index's, when the
+    caller has read it already (`keras_shard_index`)."""
+    weight_map = keras_shard_index(path) if weight_map is None else weight_map
+    names = {name for listed in weight_map.values() for name in listed}
     folder = os.path.dirname(path) or "."
     base = os.path.basename(path)[: -len(".weights.json")]
     if not listed_only:

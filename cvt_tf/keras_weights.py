@@ -214,10 +214,12 @@ def _path_layout(path: str) -> Layout:
         with h5py.File(io.BytesIO(data), "r") as h5_file:
             return _file_layout(h5_file, f"{path} ({KERAS_ARCHIVE_WEIGHTS})", len(data))
     check_keras_weights_path(path)
+    weight_map = None
     if path.endswith(".weights.h5"):
         shards = [path]
     elif path.endswith(".weights.json"):
-        shards = keras_shard_paths(path, listed_only=True)
+        weight_map = keras_shard_index(path)
+        shards = keras_shard_paths(path, listed_only=True, weight_map=weight_map)
     else:
         return {}
     layout: Layout = {}
@@ -230,15 +232,14 @@ def _path_layout(path: str) -> Layout:
                                           f"({os.path.basename(holders[variable])} and {os.path.basename(shard)}); "
                                           f"a sharded index stores each variable once")
                 holders[variable], layout[variable] = shard, facts
-    if path.endswith(".weights.json"):
-        _check_shard_map(path, holders)
+    if weight_map is not None:
+        _check_shard_map(path, weight_map, holders)
     return layout
 
 
-def _check_shard_map(path: str, holders: Dict[str, str]) -> None:
+def _check_shard_map(path: str, weight_map: Dict[str, List[str]], holders: Dict[str, str]) -> None:
     """Keras reads a layer's variables from the first shard the index names for it: that must be the shard that
     holds them, or what was checked would not be what Keras reads."""
-    weight_map = keras_shard_index(path)
     for variable, shard in holders.items():
         layer = variable.rsplit("/vars/", 1)[0] if "/vars/" in variable else ""
         named = weight_map.get(layer or "/vars") or weight_map.get(f"/{layer}/vars")

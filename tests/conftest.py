@@ -103,8 +103,7 @@ def _build_references(root) -> Dict[str, Reference]:
     run_hf_tf(jobs)
     for name, ref in refs.items():
         if _hf_tf_can_load(ref.case):
-            with np.load(root / f"{name}-tf.npz") as data:
-                ref.tf = {k: data[k] for k in data.files}
+            ref.tf = _arrays(root / f"{name}-tf.npz")
     return refs
 
 
@@ -116,16 +115,18 @@ def _save_references(root, refs: Dict[str, Reference]) -> None:
     (root / "complete").write_text("\n".join(refs))
 
 
+def _arrays(path) -> Dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
 def _load_references(root) -> Dict[str, Reference]:
     refs: Dict[str, Reference] = {}
     for name, case in PARITY_CASES.items():
-        def arrays(path):
-            with np.load(path) as data:
-                return {k: data[k] for k in data.files}
         labels = root / f"{name}-labels.npy"
         refs[name] = Reference(name, case, str(root / name), np.load(root / f"{name}-pixels.npy"),
-                               np.load(labels) if labels.exists() else None, arrays(root / f"{name}-torch.npz"),
-                               arrays(root / f"{name}-tf.npz") if _hf_tf_can_load(case) else {})
+                               np.load(labels) if labels.exists() else None, _arrays(root / f"{name}-torch.npz"),
+                               _arrays(root / f"{name}-tf.npz") if _hf_tf_can_load(case) else {})
     return refs
 
 
